@@ -1,0 +1,33 @@
+"""Typed, frozen settings: the only module that reads the environment (FHIRBRIDGE_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
+
+
+def default_database_url() -> str:
+    """SQLite file in the working directory: the embedded default, nothing to install."""
+    return f"sqlite:///{Path.cwd() / 'fhirbridge.db'}"
+
+
+class Settings(BaseSettings):
+    """Service configuration; every field is FHIRBRIDGE_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="FHIRBRIDGE_", frozen=True, extra="ignore")
+
+    database_url: str = Field(default_factory=default_database_url)
+    mappings_dir: Path = DEFAULT_MAPPINGS_DIR
+    base_url: str = Field(
+        default="",
+        description="Public base URL of the FHIR API (for fullUrl and paging links); "
+        "empty means derived from each request.",
+    )
+    page_size: int = Field(default=50, ge=1, le=1000)
+    max_page_size: int = Field(default=500, ge=1, le=5000)
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    log_level: str = "INFO"
