@@ -7,7 +7,7 @@
     ├── UnsupportedMediaTypeError   415  not-supported
     ├── InputInvalidError           422  invalid     submission fails the source schema or its rules
     ├── OutputInvalidError          422  processing  the mapping produced FHIR that fails validation
-    └── MappingConfigError          --   a mapping pack is broken (raised at load, names file + path)
+    └── MappingConfigError          --   a broken mapping pack (raised at load; names file + path)
 
 Messages and diagnostics never carry patient values: they name paths, rules and expectations.
 """

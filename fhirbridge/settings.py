@@ -7,7 +7,11 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
+
+def default_mappings_dir() -> Path:
+    """The shipped pack: beside the package in a checkout, else ./mappings (container, wheel)."""
+    beside = Path(__file__).resolve().parent.parent / "mappings"
+    return beside if (beside / "pack.yaml").is_file() else Path.cwd() / "mappings"
 
 
 def default_database_url() -> str:
@@ -21,7 +25,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FHIRBRIDGE_", frozen=True, extra="ignore")
 
     database_url: str = Field(default_factory=default_database_url)
-    mappings_dir: Path = DEFAULT_MAPPINGS_DIR
+    mappings_dir: Path = Field(default_factory=default_mappings_dir)
     base_url: str = Field(
         default="",
         description="Public base URL of the FHIR API (for fullUrl and paging links); "

@@ -18,7 +18,8 @@ from fhirbridge.mapping.expr import parse_path, walk_with_paths
 from fhirbridge.mapping.pack import Integrity
 
 _FORMAT_NAMES = {
-    "fhir-instant": "a date-time with seconds and a timezone offset (e.g. 2026-03-02T09:00:00-05:00)",
+    "fhir-instant": "a date-time with seconds and a timezone offset "
+    "(e.g. 2026-03-02T09:00:00-05:00)",
     "fhir-date": "a date: YYYY, YYYY-MM or YYYY-MM-DD",
     "fhir-datetime": "a date (YYYY, YYYY-MM, YYYY-MM-DD) or a date-time with seconds and a "
     "timezone offset",
@@ -83,7 +84,9 @@ class SubmissionValidator:
     def validate(self, document: Any) -> list[Issue]:
         """All problems of the document, schema ones first, each sorted by path."""
         issues: list[Issue] = []
-        errors = sorted(self._validator.iter_errors(document), key=lambda e: json_path(e.absolute_path))
+        errors = sorted(
+            self._validator.iter_errors(document), key=lambda e: json_path(e.absolute_path)
+        )
         for error in errors:
             issue = _issue(error)
             if issue not in issues:  # a pattern and its format can say the same thing twice
@@ -96,11 +99,13 @@ class SubmissionValidator:
 def _issue(error: ValidationError) -> Issue:
     path = list(error.absolute_path)
     kind = error.validator
-    value = error.validator_value
+    value: Any = error.validator_value
     schema = error.schema if isinstance(error.schema, dict) else {}
     code = "invalid"
     if kind == "required":
-        missing = [r for r in value if not (isinstance(error.instance, dict) and r in error.instance)]
+        missing = [
+            r for r in value if not (isinstance(error.instance, dict) and r in error.instance)
+        ]
         message = "required property missing: " + ", ".join(missing)
         code = "required"
         path = [*path, missing[0]] if len(missing) == 1 else path
@@ -122,12 +127,20 @@ def _issue(error: ValidationError) -> Issue:
     elif kind in ("pattern", "format"):
         fmt = schema.get("format")
         described = _FORMAT_NAMES.get(fmt) if isinstance(fmt, str) else None
-        message = f"must be {described}" if described else (
-            f"invalid format: {schema['description']}" if "description" in schema
-            else "does not match the required format")
+        message = (
+            f"must be {described}"
+            if described
+            else (
+                f"invalid format: {schema['description']}"
+                if "description" in schema
+                else "does not match the required format"
+            )
+        )
         code = "value"
     elif kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[kind]
+        op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[
+            kind
+        ]
         message = f"must be {op} {value}"
         code = "value"
     elif kind in ("minLength", "maxLength"):
@@ -140,10 +153,14 @@ def _issue(error: ValidationError) -> Issue:
         message = "items must be unique"
         code = "value"
     elif kind == "dependentRequired":
-        missing_by = [f"{dep} is required when {prop} is present" for prop, deps in value.items()
-                      for dep in deps
-                      if isinstance(error.instance, dict) and prop in error.instance
-                      and dep not in error.instance]
+        missing_by = [
+            f"{dep} is required when {prop} is present"
+            for prop, deps in value.items()
+            for dep in deps
+            if isinstance(error.instance, dict)
+            and prop in error.instance
+            and dep not in error.instance
+        ]
         message = "; ".join(missing_by) or "dependent property missing"
         code = "required"
     elif kind == "anyOf" and all(isinstance(b, dict) and set(b) == {"required"} for b in value):
@@ -159,6 +176,7 @@ def _issue(error: ValidationError) -> Issue:
 
 # ---------------------------------------------------------------- integrity
 
+
 def check_integrity(document: dict[str, Any], integrity: Integrity) -> list[Issue]:
     """Duplicate ids, dangling references and reversed periods, with the path of each."""
     issues: list[Issue] = []
@@ -168,8 +186,13 @@ def check_integrity(document: dict[str, Any], integrity: Integrity) -> list[Issu
             if not isinstance(value, str | int):
                 continue
             if value in first_seen:
-                issues.append(Issue(f"duplicate id (first used at {first_seen[value]})", (where,),
-                                    code="duplicate"))
+                issues.append(
+                    Issue(
+                        f"duplicate id (first used at {first_seen[value]})",
+                        (where,),
+                        code="duplicate",
+                    )
+                )
             else:
                 first_seen[value] = where
     for ref in integrity.references:
@@ -188,8 +211,13 @@ def check_integrity(document: dict[str, Any], integrity: Integrity) -> list[Issu
                 continue
             first, then = _instant(item.get(order["first"])), _instant(item.get(order["then"]))
             if first is not None and then is not None and then < first:
-                issues.append(Issue(f"{order['then']} is before {order['first']}",
-                                    (f"{where}.{order['then']}",), code="value"))
+                issues.append(
+                    Issue(
+                        f"{order['then']} is before {order['first']}",
+                        (f"{where}.{order['then']}",),
+                        code="value",
+                    )
+                )
     return issues
 
 

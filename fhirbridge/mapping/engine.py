@@ -12,6 +12,7 @@ import orjson
 from fhirbridge.errors import Issue, OutputInvalidError
 from fhirbridge.mapping.expr import Ctx, Origin, Unmapped, walk_with_paths
 from fhirbridge.mapping.pack import CompiledRule, MappingPack
+from fhirbridge.mapping.r4 import identifier_cardinality
 
 
 @dataclass
@@ -75,7 +76,10 @@ def map_submission(
 ) -> MapResult:
     """Map a schema-valid submission to FHIR resources. `now` stamps Provenance.recorded."""
     digest = content_hash(submission)
-    base_vars: dict[str, Any] = {"submission": submission, "now": now.isoformat(timespec="milliseconds")}
+    base_vars: dict[str, Any] = {
+        "submission": submission,
+        "now": now.isoformat(timespec="milliseconds"),
+    }
     probe = Ctx(vars=base_vars)
     source = pack.source_expr(probe)
     base_vars["source"] = source
@@ -113,9 +117,14 @@ def map_submission(
                 if earlier.resource != resource:
                     raise OutputInvalidError(
                         "two source records map to one resource with different content",
-                        [Issue(f"rule {rule.name!r} made {rule.resource} {rid} from {path} "
-                               f"differently than from {earlier.record_path}",
-                               (path, earlier.record_path), code="duplicate")],
+                        [
+                            Issue(
+                                f"rule {rule.name!r} made {rule.resource} {rid} from {path} "
+                                f"differently than from {earlier.record_path}",
+                                (path, earlier.record_path),
+                                code="duplicate",
+                            )
+                        ],
                     )
                 links.append(Produced(earlier.resource, rule.name, path, _record_id(item)))
                 continue
@@ -147,8 +156,10 @@ def _items(rule: CompiledRule, submission: dict[str, Any]) -> list[tuple[Any, st
     if rule.for_each is None:
         return [(submission, "$")]
     _, steps = rule.for_each
-    return [(item, f"$.{path}" if path else "$")
-            for item, path in walk_with_paths(submission, steps, "")]
+    return [
+        (item, f"$.{path}" if path else "$")
+        for item, path in walk_with_paths(submission, steps, "")
+    ]
 
 
 def _record_id(item: Any) -> Any:
@@ -178,9 +189,12 @@ def _assemble(
     if "meta" in body:
         resource["meta"] = body["meta"]
     own = {"system": system, "value": key}
-    if rule.resource != "Provenance":  # R4 Provenance has no identifier element
+    cardinality = identifier_cardinality(rule.resource)
+    if cardinality == "many":
         extra = body.get("identifier")
         resource["identifier"] = [own, *(extra if isinstance(extra, list) else [])]
+    elif cardinality == "one":
+        resource["identifier"] = own
     for k, v in body.items():
         if k not in ("meta", "identifier"):
             resource[k] = v
@@ -214,19 +228,29 @@ def _flatten_trace(
             for leaf in _leaves(value, path):
                 emit(leaf, rule_origin)
 
-    emit(f"{rtype}.resourceType",
-         Origin(rule.file, rule.resource_line, rule.name, f"{rule.pointer}/resource"))
+    emit(
+        f"{rtype}.resourceType",
+        Origin(rule.file, rule.resource_line, rule.name, f"{rule.pointer}/resource"),
+    )
     emit(f"{rtype}.id", identity_origin)
     body_trace = body_trace if isinstance(body_trace, dict) else {}
     for key, value in resource.items():
         if key in ("resourceType", "id"):
             continue
-        if key == "identifier" and rtype != "Provenance":
+        if key == "identifier" and isinstance(value, dict):
+            for leaf in _leaves(value, f"{rtype}.identifier"):
+                emit(leaf, identity_origin)
+            continue
+        if key == "identifier":
             for leaf in _leaves(value[0], f"{rtype}.identifier[0]"):
                 emit(leaf, identity_origin)
             sub_trace = body_trace.get("identifier")
             for i, sub in enumerate(value[1:], start=1):
-                t = sub_trace[i - 1] if isinstance(sub_trace, list) and i - 1 < len(sub_trace) else None
+                t = (
+                    sub_trace[i - 1]
+                    if isinstance(sub_trace, list) and i - 1 < len(sub_trace)
+                    else None
+                )
                 walk(sub, t, f"{rtype}.identifier[{i}]")
             continue
         walk(value, body_trace.get(key), f"{rtype}.{key}")

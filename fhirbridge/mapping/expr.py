@@ -148,7 +148,9 @@ def truthy(value: Any) -> bool:
 
 # ---------------------------------------------------------------- paths
 
-_PATH_RE = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)?((?:\.[A-Za-z_][A-Za-z0-9_-]*|\[(?:\d+|\*)\])*)$")
+_PATH_RE = re.compile(
+    r"^\$([A-Za-z_][A-Za-z0-9_]*)?((?:\.[A-Za-z_][A-Za-z0-9_-]*|\[(?:\d+|\*)\])*)$"
+)
 _STEP_RE = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+|\*)\]")
 _INTERP_RE = re.compile(r"\{(\$[^{}]*)\}")
 _WILDCARD = object()
@@ -191,7 +193,11 @@ def _walk(value: Any, steps: list[str | int | object]) -> Any:
             value = value.get(step) if isinstance(value, dict) else None
         else:
             assert isinstance(step, int)
-            value = value[step] if isinstance(value, list) and -len(value) <= step < len(value) else None
+            value = (
+                value[step]
+                if isinstance(value, list) and -len(value) <= step < len(value)
+                else None
+            )
     return value
 
 
@@ -460,7 +466,9 @@ def _compile_op(name: str, node: dict[str, Any], pointer: str, env: CompileEnv, 
     for missing in sorted(required - options):
         env.problem(pointer, f"{name} needs `{missing}`")
     for extra in sorted(options - allowed):
-        env.problem(pointer, f"{name} does not take `{extra}` (allowed: {sorted(allowed) or 'none'})")
+        env.problem(
+            pointer, f"{name} does not take `{extra}` (allowed: {sorted(allowed) or 'none'})"
+        )
     ptr = f"{pointer}/{escape_pointer_token(name)}"
 
     # Structural operators carry output templates inside them: they pass `traced` down.
@@ -546,8 +554,11 @@ def _compile_value_op(
     if name == "$ref":
         kind = node["$ref"]
         if not isinstance(kind, str) or kind not in env.kinds:
-            env.problem(ptr, f"$ref names unknown identity kind {kind!r} "
-                        f"(kinds: {', '.join(sorted(env.kinds))})")
+            env.problem(
+                ptr,
+                f"$ref names unknown identity kind {kind!r} "
+                f"(kinds: {', '.join(sorted(env.kinds))})",
+            )
             return _const(None)
         rtype = env.kinds[kind]
         raw_id = node.get("id")
@@ -570,7 +581,9 @@ def _compile_value_op(
         table_name = node["$lookup"]
         table = env.tables.get(table_name) if isinstance(table_name, str) else None
         if table is None:
-            env.problem(ptr, f"unknown table {table_name!r} (tables: {', '.join(sorted(env.tables))})")
+            env.problem(
+                ptr, f"unknown table {table_name!r} (tables: {', '.join(sorted(env.tables))})"
+            )
             return _const(None)
         key_fn = compile_expr(node.get("key"), f"{pointer}/key", env)
         default = node.get("default")
@@ -598,8 +611,10 @@ def _compile_value_op(
             env.problem(f"{pointer}/where", "`where` must map field names to expressions")
             return _const(None)
         fields = list(where)
-        value_fns = [compile_expr(v, f"{pointer}/where/{escape_pointer_token(k)}", env)
-                     for k, v in where.items()]
+        value_fns = [
+            compile_expr(v, f"{pointer}/where/{escape_pointer_token(k)}", env)
+            for k, v in where.items()
+        ]
         index_key = (id(node), len(fields))
 
         def find(ctx: Ctx) -> Any:
@@ -650,8 +665,9 @@ def _compile_value_op(
         wanted = frozenset(types) if isinstance(types, list) else None
 
         def produced(ctx: Ctx) -> list[dict[str, str]]:
-            return [{"reference": f"{t}/{i}"} for t, i in ctx.produced
-                    if wanted is None or t in wanted]
+            return [
+                {"reference": f"{t}/{i}"} for t, i in ctx.produced if wanted is None or t in wanted
+            ]
 
         return produced
 
@@ -705,6 +721,8 @@ def _date_start(value: str) -> float:
         year = int(parts[0])
         month = int(parts[1]) if len(parts) > 1 else 1
         day = int(parts[2]) if len(parts) > 2 else 1
-        return datetime.fromisoformat(f"{year:04d}-{month:02d}-{day:02d}T00:00:00+00:00").timestamp()
+        return datetime.fromisoformat(
+            f"{year:04d}-{month:02d}-{day:02d}T00:00:00+00:00"
+        ).timestamp()
     except (ValueError, IndexError):
         return 0.0

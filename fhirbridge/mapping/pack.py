@@ -28,6 +28,7 @@ from fhirbridge.mapping.expr import (
     compile_template,
     parse_path,
 )
+from fhirbridge.mapping.r4 import identifier_cardinality
 from fhirbridge.mapping.yamlsrc import escape_pointer_token, line_of, load_yaml
 
 BUILTIN_VARIABLES = frozenset({"", "submission", "source", "now", "id", "submission_hash"})
@@ -96,9 +97,7 @@ def _schema_problems(
     problems = []
     for error in sorted(_meta_schema(schema_name).iter_errors(data), key=lambda e: list(e.path)):
         pointer = "".join(f"/{escape_pointer_token(p)}" for p in error.absolute_path)
-        problems.append(
-            MappingProblem(file, pointer, _describe(error), line_of(lines, pointer))
-        )
+        problems.append(MappingProblem(file, pointer, _describe(error), line_of(lines, pointer)))
     return problems
 
 
@@ -130,8 +129,14 @@ def load_pack(directory: Path | str) -> MappingPack:
     for pattern in manifest["tables"]:
         matched = sorted(root.glob(pattern))
         if not matched and not any(c in pattern for c in "*?["):
-            problems.append(MappingProblem("pack.yaml", "/tables", f"no file matches {pattern!r}",
-                                           line_of(manifest_lines, "/tables")))
+            problems.append(
+                MappingProblem(
+                    "pack.yaml",
+                    "/tables",
+                    f"no file matches {pattern!r}",
+                    line_of(manifest_lines, "/tables"),
+                )
+            )
         for path in matched:
             rel = path.relative_to(root).as_posix()
             files.append(rel)
@@ -139,9 +144,14 @@ def load_pack(directory: Path | str) -> MappingPack:
             if table is None:
                 continue
             if table.name in tables:
-                problems.append(MappingProblem(rel, "/table", f"table {table.name!r} is also "
-                                               f"defined in {tables[table.name].file}",
-                                               line_of(table.lines, "/table")))
+                problems.append(
+                    MappingProblem(
+                        rel,
+                        "/table",
+                        f"table {table.name!r} is also defined in {tables[table.name].file}",
+                        line_of(table.lines, "/table"),
+                    )
+                )
             tables[table.name] = table
 
     ident = manifest["identity"]
@@ -169,48 +179,76 @@ def load_pack(directory: Path | str) -> MappingPack:
         for i, rule in enumerate(data["rules"]):
             kind, rtype = rule["identity"]["kind"], rule["resource"]
             if kinds.get(kind, rtype) != rtype:
-                problems.append(MappingProblem(rel, f"/rules/{i}/identity/kind",
-                                               f"kind {kind!r} already makes {kinds[kind]}",
-                                               line_of(lines, f"/rules/{i}/identity/kind")))
+                problems.append(
+                    MappingProblem(
+                        rel,
+                        f"/rules/{i}/identity/kind",
+                        f"kind {kind!r} already makes {kinds[kind]}",
+                        line_of(lines, f"/rules/{i}/identity/kind"),
+                    )
+                )
             kinds[kind] = rtype
             if rule["name"] in names:
-                problems.append(MappingProblem(rel, f"/rules/{i}/name", f"rule name "
-                                               f"{rule['name']!r} is also used in "
-                                               f"{names[rule['name']]}",
-                                               line_of(lines, f"/rules/{i}/name")))
+                problems.append(
+                    MappingProblem(
+                        rel,
+                        f"/rules/{i}/name",
+                        f"rule name {rule['name']!r} is also used in {names[rule['name']]}",
+                        line_of(lines, f"/rules/{i}/name"),
+                    )
+                )
             names[rule["name"]] = rel
 
     rules: list[CompiledRule] = []
     for rel, data, lines in rule_files:
         for i, rule in enumerate(data["rules"]):
-            rules.append(_compile_rule(rule, f"/rules/{i}", rel, lines, tables, kinds,
-                                       identity, constants, problems))
+            rules.append(
+                _compile_rule(
+                    rule, f"/rules/{i}", rel, lines, tables, kinds, identity, constants, problems
+                )
+            )
 
-    top_env = CompileEnv("pack.yaml", "pack", manifest_lines, tables, kinds, identity, constants,
-                         frozenset({"submission"}), problems)
-    source_expr = compile_expr(ident["source"].replace("$.", "$submission.", 1)
-                               if ident["source"].startswith("$.") else ident["source"],
-                               "/identity/source", top_env)
+    top_env = CompileEnv(
+        "pack.yaml",
+        "pack",
+        manifest_lines,
+        tables,
+        kinds,
+        identity,
+        constants,
+        frozenset({"submission"}),
+        problems,
+    )
+    source_expr = compile_expr(
+        ident["source"].replace("$.", "$submission.", 1)
+        if ident["source"].startswith("$.")
+        else ident["source"],
+        "/identity/source",
+        top_env,
+    )
     patient_expr = None
     if "patient" in ident:
         raw = ident["patient"]
-        patient_expr = compile_expr(raw.replace("$.", "$submission.", 1)
-                                    if raw.startswith("$.") else raw, "/identity/patient", top_env)
+        patient_expr = compile_expr(
+            raw.replace("$.", "$submission.", 1) if raw.startswith("$.") else raw,
+            "/identity/patient",
+            top_env,
+        )
     integrity_raw = manifest.get("integrity") or {}
     integrity = Integrity(
         unique=integrity_raw.get("unique", []),
         references=integrity_raw.get("references", []),
         order=integrity_raw.get("order", []),
     )
-    for i, path in enumerate(integrity.unique):
-        _check_integrity_path(path, f"/integrity/unique/{i}", manifest_lines, problems)
+    for i, unique_path in enumerate(integrity.unique):
+        _check_integrity_path(unique_path, f"/integrity/unique/{i}", manifest_lines, problems)
     for i, ref in enumerate(integrity.references):
         for key in ("from", "to"):
-            _check_integrity_path(ref[key], f"/integrity/references/{i}/{key}",
-                                  manifest_lines, problems)
+            _check_integrity_path(
+                ref[key], f"/integrity/references/{i}/{key}", manifest_lines, problems
+            )
     for i, order in enumerate(integrity.order):
-        _check_integrity_path(order["each"], f"/integrity/order/{i}/each",
-                              manifest_lines, problems)
+        _check_integrity_path(order["each"], f"/integrity/order/{i}/each", manifest_lines, problems)
 
     if problems:
         # Templates compile twice (plain and traced): report each problem once.
@@ -239,13 +277,14 @@ def _check_integrity_path(
     path: str, pointer: str, lines: dict[str, int], problems: list[MappingProblem]
 ) -> None:
     if parse_path("$." + path) is None:
-        problems.append(MappingProblem("pack.yaml", pointer, f"not a valid path: {path!r}",
-                                       line_of(lines, pointer)))
+        problems.append(
+            MappingProblem(
+                "pack.yaml", pointer, f"not a valid path: {path!r}", line_of(lines, pointer)
+            )
+        )
 
 
-def _load_source_schema(
-    root: Path, rel: str, problems: list[MappingProblem]
-) -> dict[str, Any]:
+def _load_source_schema(root: Path, rel: str, problems: list[MappingProblem]) -> dict[str, Any]:
     path = root / rel
     try:
         schema = json.loads(path.read_text(encoding="utf-8"))
@@ -299,15 +338,27 @@ def _compile_rule(
 ) -> CompiledRule:
     alias = rule.get("as")
     variables = BUILTIN_VARIABLES | ({alias} if alias else set())
-    env = CompileEnv(file, rule["name"], lines, tables, kinds, identity, constants,
-                     frozenset(variables), problems)
+    env = CompileEnv(
+        file,
+        rule["name"],
+        lines,
+        tables,
+        kinds,
+        identity,
+        constants,
+        frozenset(variables),
+        problems,
+    )
 
     for_each = None
     if "for_each" in rule:
         parsed = parse_path(rule["for_each"])
         if parsed is None or (parsed[0] not in ("", "submission")):
-            env.problem(f"{pointer}/for_each", "for_each must be a path on the submission "
-                        "such as $.sessions or $.sessions[*].readings")
+            env.problem(
+                f"{pointer}/for_each",
+                "for_each must be a path on the submission "
+                "such as $.sessions or $.sessions[*].readings",
+            )
         else:
             for_each = ("", parsed[1])
 
@@ -322,10 +373,18 @@ def _compile_rule(
     key_fns = [compile_expr(k, f"{pointer}/identity/key", env) for k in keys]
 
     template = rule["template"]
+    if "identifier" in template and identifier_cardinality(rule["resource"]) != "many":
+        env.problem(
+            f"{pointer}/template/identifier",
+            f"{rule['resource']}.identifier holds only the engine's identity identifier "
+            "in R4 (0..1 or absent)",
+        )
     for reserved in ("resourceType", "id"):
         if reserved in template:
-            env.problem(f"{pointer}/template/{reserved}",
-                        f"`{reserved}` is set by the engine from `resource` and `identity`")
+            env.problem(
+                f"{pointer}/template/{reserved}",
+                f"`{reserved}` is set by the engine from `resource` and `identity`",
+            )
     return CompiledRule(
         name=rule["name"],
         file=file,

@@ -51,8 +51,14 @@ def _map(tmp_path: Path, template: dict[str, Any], tables: Any = None, **extra: 
         # wildcard paths give lists
         ({"gender": {"$min": "$submission.items[*].v"}}, {"gender": 1}),
         # $min / $max compare date-times by instant, not by text
-        ({"gender": {"$max": "$submission.items[*].when"}}, {"gender": "2026-03-02T09:00:00-05:00"}),
-        ({"gender": {"$min": "$submission.items[*].when"}}, {"gender": "2026-03-02T08:00:00-05:00"}),
+        (
+            {"gender": {"$max": "$submission.items[*].when"}},
+            {"gender": "2026-03-02T09:00:00-05:00"},
+        ),
+        (
+            {"gender": {"$min": "$submission.items[*].when"}},
+            {"gender": "2026-03-02T08:00:00-05:00"},
+        ),
         # constants from pack.yaml
         ({"gender": "$const.sys"}, {"gender": "http://example.org/cs"}),
         # $if on truthiness, with else
@@ -72,15 +78,26 @@ def _map(tmp_path: Path, template: dict[str, Any], tables: Any = None, **extra: 
         # $literal protects a value that looks like an expression
         ({"gender": {"$literal": "$.id"}}, {"gender": "$.id"}),
         # $each builds lists, binding `as`, and is spliced into a surrounding list
-        ({"name": {"$each": "$.tags", "as": "t", "do": {"text": "$t"}}},
-         {"name": [{"text": "a"}, {"text": "b"}]}),
-        ({"name": [{"text": "first"}, {"$each": "$.tags", "as": "t", "do": {"text": "$t"}}]},
-         {"name": [{"text": "first"}, {"text": "a"}, {"text": "b"}]}),
+        (
+            {"name": {"$each": "$.tags", "as": "t", "do": {"text": "$t"}}},
+            {"name": [{"text": "a"}, {"text": "b"}]},
+        ),
+        (
+            {"name": [{"text": "first"}, {"$each": "$.tags", "as": "t", "do": {"text": "$t"}}]},
+            {"name": [{"text": "first"}, {"text": "a"}, {"text": "b"}]},
+        ),
         # $each with let, and $find (indexed lookup in a collection)
-        ({"name": {"$each": "$.tags", "as": "t",
-                   "let": {"hit": {"$find": "$submission.items", "where": {"kind": "y"}}},
-                   "do": {"text": "{$t}-{$hit.id}"}}},
-         {"name": [{"text": "a-i2"}, {"text": "b-i2"}]}),
+        (
+            {
+                "name": {
+                    "$each": "$.tags",
+                    "as": "t",
+                    "let": {"hit": {"$find": "$submission.items", "where": {"kind": "y"}}},
+                    "do": {"text": "{$t}-{$hit.id}"},
+                }
+            },
+            {"name": [{"text": "a-i2"}, {"text": "b-i2"}]},
+        ),
         ({"gender": {"$find": "$submission.items", "where": {"kind": "z"}}}, {}),
     ],
 )
@@ -103,11 +120,18 @@ def test_identity_gives_deterministic_id_and_leading_identifier(tmp_path: Path) 
 def test_ref_points_at_the_id_the_other_rule_makes(tmp_path: Path) -> None:
     rules = [
         patient_rule({"active": True}),
-        {"name": "obs", "resource": "Observation", "for_each": "$.items",
-         "identity": {"kind": "item", "key": "$.id"},
-         "template": {"status": "final", "code": {"text": "$.kind"},
-                      "subject": {"$ref": "patient", "id": "$submission.patient.id"},
-                      "focus": [{"$ref": "item", "id": ["$.id", "$.kind"]}]}},
+        {
+            "name": "obs",
+            "resource": "Observation",
+            "for_each": "$.items",
+            "identity": {"kind": "item", "key": "$.id"},
+            "template": {
+                "status": "final",
+                "code": {"text": "$.kind"},
+                "subject": {"$ref": "patient", "id": "$submission.patient.id"},
+                "focus": [{"$ref": "item", "id": ["$.id", "$.kind"]}],
+            },
+        },
     ]
     pack = load_pack(write_pack(tmp_path, rules))
     result = map_submission(pack, DOC, now=NOW)
@@ -115,14 +139,24 @@ def test_ref_points_at_the_id_the_other_rule_makes(tmp_path: Path) -> None:
     assert first["subject"] == {"reference": f"Patient/{patient['id']}"}
     assert first["focus"] == [{"reference": f"Observation/{uuid.uuid5(NS, 'clinic-x|item|i1|x')}"}]
     assert [r["identifier"][0]["value"] for r in result.resources[1:]] == ["i1", "i2", "i3"]
-    assert result.records()[1] == {"record": "$.items[0]", "sourceId": "i1",
-                                   "produced": [{"resourceType": "Observation", "id": first["id"]}]}
+    assert result.records()[1] == {
+        "record": "$.items[0]",
+        "sourceId": "i1",
+        "produced": [{"resourceType": "Observation", "id": first["id"]}],
+    }
 
 
 def test_when_filters_records(tmp_path: Path) -> None:
-    rules = [{"name": "obs", "resource": "Observation", "for_each": "$.items",
-              "when": {"$eq": ["$.kind", "x"]}, "identity": {"kind": "item", "key": "$.id"},
-              "template": {"status": "final", "code": {"text": "$.kind"}}}]
+    rules = [
+        {
+            "name": "obs",
+            "resource": "Observation",
+            "for_each": "$.items",
+            "when": {"$eq": ["$.kind", "x"]},
+            "identity": {"kind": "item", "key": "$.id"},
+            "template": {"status": "final", "code": {"text": "$.kind"}},
+        }
+    ]
     pack = load_pack(write_pack(tmp_path, rules))
     ids = [r["identifier"][0]["value"] for r in map_submission(pack, DOC, now=NOW).resources]
     assert ids == ["i1", "i3"]
@@ -130,15 +164,24 @@ def test_when_filters_records(tmp_path: Path) -> None:
 
 def test_lookup_hits_defaults_and_counts_unmapped(tmp_path: Path) -> None:
     tables = {"kinds": {"x": {"system": "http://e.org", "code": "X"}}}
-    rules = [{"name": "obs", "resource": "Observation", "for_each": "$.items",
-              "identity": {"kind": "item", "key": "$.id"},
-              "template": {"status": "final",
-                           "code": {"coding": [{"$lookup": "kinds", "key": "$.kind"}],
-                                    "text": "$.kind"}}}]
+    rules = [
+        {
+            "name": "obs",
+            "resource": "Observation",
+            "for_each": "$.items",
+            "identity": {"kind": "item", "key": "$.id"},
+            "template": {
+                "status": "final",
+                "code": {"coding": [{"$lookup": "kinds", "key": "$.kind"}], "text": "$.kind"},
+            },
+        }
+    ]
     pack = load_pack(write_pack(tmp_path, rules, tables))
     result = map_submission(pack, DOC, now=NOW)
-    assert result.resources[0]["code"] == {"coding": [{"system": "http://e.org", "code": "X"}],
-                                           "text": "x"}
+    assert result.resources[0]["code"] == {
+        "coding": [{"system": "http://e.org", "code": "X"}],
+        "text": "x",
+    }
     # unknown key: no invented code, the text stays, and it is counted
     assert result.resources[1]["code"] == {"text": "y"}
     assert [(u.table, u.rule) for u in result.unmapped] == [("kinds", "obs")]
@@ -150,9 +193,15 @@ def test_lookup_hits_defaults_and_counts_unmapped(tmp_path: Path) -> None:
 def test_two_records_making_one_resource_differently_is_an_error(tmp_path: Path) -> None:
     from fhirbridge.errors import OutputInvalidError
 
-    rules = [{"name": "obs", "resource": "Observation", "for_each": "$.items",
-              "identity": {"kind": "k", "key": "$.kind"},
-              "template": {"status": "final", "code": {"text": "$.id"}}}]
+    rules = [
+        {
+            "name": "obs",
+            "resource": "Observation",
+            "for_each": "$.items",
+            "identity": {"kind": "k", "key": "$.kind"},
+            "template": {"status": "final", "code": {"text": "$.id"}},
+        }
+    ]
     pack = load_pack(write_pack(tmp_path, rules))
     with pytest.raises(OutputInvalidError) as err:
         map_submission(pack, DOC, now=NOW)
@@ -160,9 +209,15 @@ def test_two_records_making_one_resource_differently_is_an_error(tmp_path: Path)
 
 
 def test_same_resource_from_two_records_is_kept_once_and_linked_from_both(tmp_path: Path) -> None:
-    rules = [{"name": "obs", "resource": "Observation", "for_each": "$.items",
-              "identity": {"kind": "k", "key": "$.kind"},
-              "template": {"status": "final", "code": {"text": "$.kind"}}}]
+    rules = [
+        {
+            "name": "obs",
+            "resource": "Observation",
+            "for_each": "$.items",
+            "identity": {"kind": "k", "key": "$.kind"},
+            "template": {"status": "final", "code": {"text": "$.kind"}},
+        }
+    ]
     pack = load_pack(write_pack(tmp_path, rules))
     result = map_submission(pack, DOC, now=NOW)
     assert len(result.resources) == 2
@@ -202,7 +257,9 @@ def test_trace_names_the_rule_line_of_every_leaf(tmp_path: Path) -> None:
 def test_untraced_and_traced_mapping_agree(tmp_path: Path) -> None:
     pack = load_pack(Path(__file__).resolve().parents[2] / "mappings")
     doc = __import__("json").loads(
-        (Path(__file__).resolve().parents[2] / "mappings/fixtures/medicine-session.in.json").read_text()
+        (
+            Path(__file__).resolve().parents[2] / "mappings/fixtures/medicine-session.in.json"
+        ).read_text()
     )
     plain = map_submission(pack, doc, now=NOW)
     traced = map_submission(pack, doc, now=NOW, trace=True)

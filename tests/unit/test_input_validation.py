@@ -32,62 +32,112 @@ def test_the_fixture_is_valid() -> None:
     ("mutate", "expected"),
     [
         # wrong type
-        (lambda d: d["doses"][0].update(amountMg="80"), ("doses[0].amountMg", "must be of type number")),
+        (
+            lambda d: d["doses"][0].update(amountMg="80"),
+            ("doses[0].amountMg", "must be of type number"),
+        ),
         # unknown enum value
-        (lambda d: d["sessions"][0].update(type="ceremony"),
-         ("sessions[0].type", "must be one of: preparation, medicine, integration")),
+        (
+            lambda d: d["sessions"][0].update(type="ceremony"),
+            ("sessions[0].type", "must be one of: preparation, medicine, integration"),
+        ),
         # naive date-time (no offset)
-        (lambda d: d["vitals"][0].update(takenAt="2026-03-02T09:20:00"),
-         ("vitals[0].takenAt", "must be a date-time with seconds and a timezone offset (e.g. 2026-03-02T09:00:00-05:00)")),
+        (
+            lambda d: d["vitals"][0].update(takenAt="2026-03-02T09:20:00"),
+            (
+                "vitals[0].takenAt",
+                "must be a date-time with seconds and a timezone offset "
+                "(e.g. 2026-03-02T09:00:00-05:00)",
+            ),
+        ),
         # a date that does not exist
-        (lambda d: d["patient"].update(birthDate="1984-02-30"),
-         ("patient.birthDate", "must be a date: YYYY, YYYY-MM or YYYY-MM-DD")),
+        (
+            lambda d: d["patient"].update(birthDate="1984-02-30"),
+            ("patient.birthDate", "must be a date: YYYY, YYYY-MM or YYYY-MM-DD"),
+        ),
         # partial dates are fine for birthDate: no problem expected → checked separately below
         # missing required property
         (lambda d: d["patient"].pop("sex"), ("patient.sex", "required property missing: sex")),
         # unknown property
-        (lambda d: d["patient"].update(nickname="x"),
-         ("patient", "unknown property (allowed: id, mrn, studySubjectId, name, birthDate, sex)")),
+        (
+            lambda d: d["patient"].update(nickname="x"),
+            (
+                "patient",
+                "unknown property (allowed: id, mrn, studySubjectId, name, birthDate, sex)",
+            ),
+        ),
         # end before start
-        (lambda d: d["sessions"][0].update(end="2026-03-02T08:00:00-05:00"),
-         ("sessions[0].end", "end is before start")),
+        (
+            lambda d: d["sessions"][0].update(end="2026-03-02T08:00:00-05:00"),
+            ("sessions[0].end", "end is before start"),
+        ),
         # end before start across offsets: 13:00Z is 08:00-05:00, before the 09:00-05:00 start
-        (lambda d: d["sessions"][0].update(end="2026-03-02T13:00:00Z"),
-         ("sessions[0].end", "end is before start")),
+        (
+            lambda d: d["sessions"][0].update(end="2026-03-02T13:00:00Z"),
+            ("sessions[0].end", "end is before start"),
+        ),
         # a dose whose session is missing
-        (lambda d: d["doses"][1].update(sessionId="s-nope"),
-         ("doses[1].sessionId", "refers to an id that is not in sessions[*].id")),
+        (
+            lambda d: d["doses"][1].update(sessionId="s-nope"),
+            ("doses[1].sessionId", "refers to an id that is not in sessions[*].id"),
+        ),
         # an adverse event whose suspect dose is missing
-        (lambda d: d["adverseEvents"][1]["suspectDoseIds"].append("d-9"),
-         ("adverseEvents[1].suspectDoseIds[2]", "refers to an id that is not in doses[*].id")),
+        (
+            lambda d: d["adverseEvents"][1]["suspectDoseIds"].append("d-9"),
+            ("adverseEvents[1].suspectDoseIds[2]", "refers to an id that is not in doses[*].id"),
+        ),
         # a session whose therapist is missing
-        (lambda d: d["sessions"][0]["therapists"].append("t-ghost"),
-         ("sessions[0].therapists[2]", "refers to an id that is not in practitioners[*].id")),
+        (
+            lambda d: d["sessions"][0]["therapists"].append("t-ghost"),
+            ("sessions[0].therapists[2]", "refers to an id that is not in practitioners[*].id"),
+        ),
         # duplicate ids
-        (lambda d: d["vitals"][3].update(id="v-1"),
-         ("vitals[3].id", "duplicate id (first used at vitals[0].id)")),
+        (
+            lambda d: d["vitals"][3].update(id="v-1"),
+            ("vitals[3].id", "duplicate id (first used at vitals[0].id)"),
+        ),
         # systolic without diastolic
-        (lambda d: d["vitals"][0].pop("diastolic"),
-         ("vitals[0]", "diastolic is required when systolic is present")),
+        (
+            lambda d: d["vitals"][0].pop("diastolic"),
+            ("vitals[0]", "diastolic is required when systolic is present"),
+        ),
         # a vital-sign record with no measurement
-        (lambda d: d["vitals"].append({"id": "v-9", "sessionId": "s-med-1",
-                                       "takenAt": "2026-03-02T10:00:00-05:00"}),
-         ("vitals[4]", "needs at least one of: heartRate, systolic+diastolic, temperatureC, respiratoryRate, spo2")),
+        (
+            lambda d: d["vitals"].append(
+                {"id": "v-9", "sessionId": "s-med-1", "takenAt": "2026-03-02T10:00:00-05:00"}
+            ),
+            (
+                "vitals[4]",
+                "needs at least one of: heartRate, systolic+diastolic, temperatureC, "
+                "respiratoryRate, spo2",
+            ),
+        ),
         # a withheld dose without its reason
-        (lambda d: d["doses"][1].update(status="not-done"),
-         ("doses[1].notGivenReason", "required property missing: notGivenReason")),
+        (
+            lambda d: d["doses"][1].update(status="not-done"),
+            ("doses[1].notGivenReason", "required property missing: notGivenReason"),
+        ),
         # implausible value
         (lambda d: d["vitals"][0].update(heartRate=900), ("vitals[0].heartRate", "must be <= 300")),
     ],
 )
-def test_each_kind_of_problem_is_reported_with_its_path(mutate: Any, expected: tuple[str, str]) -> None:
+def test_each_kind_of_problem_is_reported_with_its_path(
+    mutate: Any, expected: tuple[str, str]
+) -> None:
     assert expected in _problems(mutate)
 
 
 def test_dose_in_a_non_medicine_session_is_rejected() -> None:
     def mutate(d: dict[str, Any]) -> None:
-        d["sessions"].append({"id": "s-prep", "type": "preparation", "status": "completed",
-                              "start": "2026-02-20T10:00:00-05:00", "therapists": ["t-lead"]})
+        d["sessions"].append(
+            {
+                "id": "s-prep",
+                "type": "preparation",
+                "status": "completed",
+                "start": "2026-02-20T10:00:00-05:00",
+                "therapists": ["t-lead"],
+            }
+        )
         d["doses"][0]["sessionId"] = "s-prep"
 
     assert ("doses[0].sessionId", "a dose must belong to a medicine session") in _problems(mutate)
@@ -101,8 +151,12 @@ def test_every_problem_is_listed_at_once() -> None:
         d["assessments"][0]["score"] = -1
 
     paths = [p for p, _ in _problems(mutate)]
-    assert paths == ["assessments[0].score", "sessions[0].status", "vitals[2].takenAt",
-                     "doses[0].sessionId"]
+    assert paths == [
+        "assessments[0].score",
+        "sessions[0].status",
+        "vitals[2].takenAt",
+        "doses[0].sessionId",
+    ]
 
 
 @pytest.mark.parametrize("value", ["1984", "1984-07", "1984-07-19"])

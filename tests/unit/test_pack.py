@@ -23,8 +23,16 @@ def test_shipped_pack_loads() -> None:
     pack = load_pack(SHIPPED)
     assert pack.name == "fhirbridge-source-v1"
     assert {r.resource for r in pack.rules} >= {
-        "Patient", "Practitioner", "EpisodeOfCare", "Encounter", "Procedure", "Medication",
-        "MedicationAdministration", "Observation", "AdverseEvent", "Provenance",
+        "Patient",
+        "Practitioner",
+        "EpisodeOfCare",
+        "Encounter",
+        "Procedure",
+        "Medication",
+        "MedicationAdministration",
+        "Observation",
+        "AdverseEvent",
+        "Provenance",
     }
 
 
@@ -32,13 +40,19 @@ def test_shipped_pack_loads() -> None:
     ("template", "expected"),
     [
         # misspelled source variable
-        ({"gender": "$sumbission.source"}, "r.yaml:9: /rules/0/template/gender: unknown variable $sumbission"),
+        (
+            {"gender": "$sumbission.source"},
+            "r.yaml:9: /rules/0/template/gender: unknown variable $sumbission",
+        ),
         # unknown operator
         ({"gender": {"$lookpu": "t", "key": "$.id"}}, "unknown operator $lookpu"),
         # unknown table
         ({"gender": {"$lookup": "nope", "key": "$.id"}}, "unknown table 'nope'"),
         # $ref to a kind no rule makes
-        ({"link": [{"other": {"$ref": "ghost", "id": "$.id"}}]}, "$ref names unknown identity kind 'ghost'"),
+        (
+            {"link": [{"other": {"$ref": "ghost", "id": "$.id"}}]},
+            "$ref names unknown identity kind 'ghost'",
+        ),
         # an operator missing its required option
         ({"gender": {"$lookup": "t"}}, "$lookup needs `key`"),
         # an operator with an option it does not take
@@ -74,8 +88,11 @@ def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
 
 
 def test_missing_rule_file_and_table_errors(tmp_path: Path) -> None:
-    root = write_pack(tmp_path, [patient_rule({"active": True})],
-                      manifest={"rules": ["rules/r.yaml", "rules/missing.yaml"]})
+    root = write_pack(
+        tmp_path,
+        [patient_rule({"active": True})],
+        manifest={"rules": ["rules/r.yaml", "rules/missing.yaml"]},
+    )
     (tmp_path / "terminology" / "bad.yaml").write_text("table: Bad Name\nrows: {}\n")
     problems = _problems(root)
     assert any(p.startswith("rules/missing.yaml: /: cannot read file") for p in problems)
@@ -84,17 +101,24 @@ def test_missing_rule_file_and_table_errors(tmp_path: Path) -> None:
 
 
 def test_pack_manifest_errors(tmp_path: Path) -> None:
-    root = write_pack(tmp_path, [patient_rule({"active": True})],
-                      manifest={"identity": {"namespace": "not-a-uuid", "system": "x",
-                                             "source": "$.source"}})
+    root = write_pack(
+        tmp_path,
+        [patient_rule({"active": True})],
+        manifest={"identity": {"namespace": "not-a-uuid", "system": "x", "source": "$.source"}},
+    )
     problems = _problems(root)
     assert any("/identity/namespace" in p for p in problems)
     assert any("/identity/system" in p for p in problems)
 
 
 def test_duplicate_kind_with_another_resource_type(tmp_path: Path) -> None:
-    rules = [patient_rule({"active": True}),
-             {**patient_rule({"status": "final", "code": {"text": "x"}}), "name": "other",
-              "resource": "Observation"}]
+    rules = [
+        patient_rule({"active": True}),
+        {
+            **patient_rule({"status": "final", "code": {"text": "x"}}),
+            "name": "other",
+            "resource": "Observation",
+        },
+    ]
     problems = _problems(write_pack(tmp_path, rules))
     assert any("kind 'patient' already makes Patient" in p for p in problems)
