@@ -1,0 +1,28 @@
+"""/healthz (the process is up) and /readyz (database reachable, mappings loaded)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask, Response
+
+from fhirbridge.api.http import json_response, services
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    svc = services()
+    checks = {"database": svc.store.ping(), "mappings": bool(svc.pack.rules)}
+    ready = all(checks.values())
+    return json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+    )
+
+
+def init_app(app: Flask) -> None:
+    app.register_blueprint(bp)

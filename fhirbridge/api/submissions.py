@@ -1,0 +1,140 @@
+"""POST /api/v1/submissions and /api/v1/$transform: parse → pipeline → (store) → respond."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from flask import Blueprint, Flask, Response, request
+
+from fhirbridge.api.http import fhir_response, json_response, services
+from fhirbridge.errors import (
+    BadRequestError,
+    Issue,
+    NotFoundError,
+    UnsupportedMediaTypeError,
+)
+from fhirbridge.fhir.bundle import transaction_bundle
+from fhirbridge.pipeline import summary, transform
+
+bp = Blueprint("submissions", __name__, url_prefix="/api/v1")
+
+_JSON_TYPES = frozenset({"application/json", "application/fhir+json"})
+
+
+def read_json_body() -> Any:
+    """The request body as JSON, or a 415 / 400 OperationOutcome (never the body's content)."""
+    if request.mimetype not in _JSON_TYPES:
+        raise UnsupportedMediaTypeError()
+    raw = request.get_data(cache=False)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        # orjson's message quotes part of the document: report only the position.
+        raise BadRequestError(
+            "malformed JSON",
+            [Issue(f"malformed JSON at line {exc.lineno}, column {exc.colno}", code="structure")],
+        ) from None
+
+
+def _flag(name: str) -> bool:
+    return request.args.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _return_bundle() -> bool:
+    value = request.args.get("return")
+    if value not in (None, "summary", "bundle"):
+        raise BadRequestError("the `return` parameter must be summary or bundle")
+    return value == "bundle"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@bp.post("/submissions")
+def create_submission() -> Response:
+    """Validate, map, validate output, store; 201 when anything changed, 200 when nothing did."""
+    document = read_json_body()
+    as_bundle = _return_bundle()
+    svc = services()
+    now = _now()
+    result = transform(
+        document,
+        pack=svc.pack,
+        input_validator=svc.input_validator,
+        output_validator=svc.output_validator,
+        now=now,
+    )
+    body = summary(result)
+    saved = svc.store.save_submission(
+        submission_id=result.submission_id,
+        source=result.source,
+        patient_id=result.patient_id or "",
+        content_hash=result.content_hash,
+        resources=result.resources,
+        summary=body,
+        now=now,
+    )
+    status = 201 if saved.changed else 200
+    headers = {"Location": f"{request.root_path}/api/v1/submissions/{result.submission_id}"}
+    if as_bundle:
+        return fhir_response(transaction_bundle(saved.stored_resources), status, headers)
+    body["outcome"] = "accepted" if saved.changed else "unchanged"
+    body["resources"] = [
+        {
+            "resourceType": r.resource_type,
+            "id": r.id,
+            "versionId": r.version_id,
+            "outcome": r.outcome,
+        }
+        for r in saved.resources
+    ]
+    return json_response(body, status, headers=headers)
+
+
+@bp.get("/submissions/<submission_id>")
+def get_submission(submission_id: str) -> Response:
+    """The stored summary of an accepted submission."""
+    found = services().store.get_submission(submission_id)
+    if found is None:
+        raise NotFoundError("no submission with this id")
+    received = found["received_at"]
+    return json_response(
+        {
+            "submissionId": found["id"],
+            "source": found["source"],
+            "receivedAt": received.isoformat() if isinstance(received, datetime) else received,
+            "summary": found["summary"],
+        }
+    )
+
+
+@bp.post("/$transform")
+def transform_only() -> Response:
+    """Same input as /submissions; nothing stored. `?trace=true` adds the rule of every element."""
+    document = read_json_body()
+    svc = services()
+    trace = _flag("trace")
+    result = transform(
+        document,
+        pack=svc.pack,
+        input_validator=svc.input_validator,
+        output_validator=svc.output_validator,
+        now=_now(),
+        trace=trace,
+    )
+    bundle = transaction_bundle(result.resources)
+    if not trace:
+        return fhir_response(bundle)
+    return json_response({"bundle": bundle, "trace": result.trace, **_unmapped(result)})
+
+
+def _unmapped(result: Any) -> dict[str, Any]:
+    extra = summary(result)
+    return {"unmappedTerms": extra["unmappedTerms"]} if "unmappedTerms" in extra else {}
+
+
+def init_app(app: Flask) -> None:
+    app.register_blueprint(bp)
