@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,23 +69,52 @@ def serve(host: str, port: int, workers: int) -> None:
 @click.argument("file", type=click.File("rb"))
 @click.option("--trace", is_flag=True, help="Also print, for every element, the rule that made it.")
 @click.option(
+    "--ndjson",
+    "ndjson_in",
+    is_flag=True,
+    help="FILE holds one submission per line (implied by .ndjson / .jsonl).",
+)
+@click.option(
+    "--output",
+    "output",
+    type=click.Choice(["bundle", "ndjson"]),
+    help="Output: one transaction Bundle, or one resource per line "
+    "(default: ndjson for NDJSON input, bundle otherwise).",
+)
+@click.option(
     "--mappings",
     "mappings_dir",
     type=click.Path(path_type=Path, file_okay=False),
     help="Mapping pack folder (default: FHIRBRIDGE_MAPPINGS_DIR or the shipped pack).",
 )
-def map_command(file: Any, trace: bool, mappings_dir: Path | None) -> None:
-    """Map one submission FILE (- for stdin) to a FHIR transaction Bundle on stdout."""
+def map_command(
+    file: Any, trace: bool, ndjson_in: bool, output: str | None, mappings_dir: Path | None
+) -> None:
+    """Map submissions in FILE (- for stdin) to FHIR R4 on stdout.
+
+    One JSON submission gives a transaction Bundle. NDJSON (one submission per line) is
+    streamed with bounded memory; a bad line is reported on stderr with its line number and
+    the others are still mapped (exit status 1 if any line failed).
+    """
+    name = getattr(file, "name", "-")
+    pack = _load_pack(mappings_dir)
+    if ndjson_in or str(name).endswith((".ndjson", ".jsonl")):
+        if trace:
+            raise click.UsageError("--trace maps one submission at a time: give a JSON file")
+        _map_ndjson(file, name, pack, output or "ndjson")
+        return
+    _map_one(file, name, pack, output or "bundle", trace)
+
+
+def _map_one(file: Any, name: str, pack: Any, output: str, trace: bool) -> None:
     from fhirbridge.fhir.bundle import transaction_bundle
     from fhirbridge.fhir.validate import OutputValidator
     from fhirbridge.pipeline import transform
     from fhirbridge.validation import SubmissionValidator
 
-    pack = _load_pack(mappings_dir)
     try:
         document = orjson.loads(file.read())
     except orjson.JSONDecodeError as exc:
-        name = getattr(file, "name", "-")
         click.echo(f"{name}: malformed JSON at line {exc.lineno}, column {exc.colno}", err=True)
         raise SystemExit(1) from None
     try:
@@ -101,14 +131,64 @@ def map_command(file: Any, trace: bool, mappings_dir: Path | None) -> None:
             where = ", ".join(issue.expression) or "-"
             click.echo(f"{where}: {issue.diagnostics}", err=True)
         raise SystemExit(1) from None
-    bundle = transaction_bundle(result.resources)
-    _emit({"bundle": bundle, "trace": result.trace} if trace else bundle)
+    if output == "ndjson":
+        for resource in result.resources:
+            sys.stdout.buffer.write(orjson.dumps(resource) + b"\n")
+    else:
+        bundle = transaction_bundle(result.resources)
+        _emit({"bundle": bundle, "trace": result.trace} if trace else bundle)
     for u in result.unmapped:
         click.echo(
             f"note: {u.file}:{u.line} rule {u.rule}: a term is not in table {u.table}; "
             "kept as text",
             err=True,
         )
+
+
+def _map_ndjson(file: Any, name: str, pack: Any, output: str) -> None:
+    from fhirbridge.batch import LineError, map_lines
+
+    total = _size_of(file)
+    show = sys.stderr.isatty() and total is not None
+
+    def report(error: LineError) -> None:
+        for problem in error.problems:
+            click.echo(f"{name}:{error.line}: {problem}", err=True)
+
+    out = sys.stdout.buffer
+    if show:
+        progress: Any = click.progressbar(length=total, label="mapping", file=sys.stderr)
+        with progress as bar:
+            stats = map_lines(
+                file,
+                out,
+                pack=pack,
+                now=lambda: datetime.now(UTC),
+                output=output,
+                on_line=lambda _n, size: bar.update(size),
+                on_error=report,
+            )
+    else:
+        stats = map_lines(
+            file, out, pack=pack, now=lambda: datetime.now(UTC), output=output, on_error=report
+        )
+    out.flush()
+    for table, count in sorted(stats.unmapped.items()):
+        click.echo(f"note: {count} term(s) not in table {table}; kept as text", err=True)
+    click.echo(
+        f"{stats.submissions} submissions: {stats.submissions - stats.failed} mapped, "
+        f"{stats.failed} failed, {stats.resources} resources",
+        err=True,
+    )
+    if stats.failed:
+        raise SystemExit(1)
+
+
+def _size_of(file: Any) -> int | None:
+    try:
+        return int(os.fstat(file.fileno()).st_size) or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 @main.group()
@@ -119,13 +199,57 @@ def mappings() -> None:
 @mappings.command("validate")
 @click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
 def mappings_validate(directory: Path | None) -> None:
-    """Load and compile the pack in DIRECTORY; print every problem with file:line."""
+    """Load, compile and statically check the pack in DIRECTORY (default: the configured one).
+
+    Errors name file, line and rule: unknown source fields, FHIR elements that do not exist in
+    R4, unknown code systems. Source fields no rule reads are listed as coverage information.
+    Exit status: 0 clean, 1 check errors, 2 the pack does not load.
+    """
+    from fhirbridge.mapping.check import check_pack
+
     pack = _load_pack(directory)
-    rules = len(pack.rules)
+    report = check_pack(pack)
+    for finding in report.findings:
+        click.echo(f"{finding.severity}: {finding}", err=True)
+    for unread in report.unread_fields:
+        click.echo(f"information: coverage: source field {unread} is read by no rule", err=True)
+    errors = len(report.errors)
     click.echo(
-        f"{pack.name} v{pack.version}: {len(pack.files)} files, {rules} rules, "
-        f"{len(pack.tables)} tables: OK"
+        f"{pack.name} v{pack.version}: {len(pack.files)} files, {len(pack.rules)} rules, "
+        f"{len(pack.tables)} tables: " + (f"{errors} error(s)" if errors else "OK")
     )
+    if errors:
+        raise SystemExit(1)
+
+
+@mappings.command("test")
+@click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--update", is_flag=True, help="Re-record the expected Bundles (after review).")
+def mappings_test(directory: Path | None, update: bool) -> None:
+    """Run the pack's golden fixtures: map, validate (R4B + official R4 schema), compare."""
+    from fhirbridge.fhir.validate import OutputValidator
+    from fhirbridge.goldens import fixture_cases, run_case
+
+    pack = _load_pack(directory)
+    cases = fixture_cases(pack)
+    if not cases:
+        click.echo(f"{pack.name}: no fixtures (*.in.json) in the pack's fixtures folder", err=True)
+        raise SystemExit(1)
+    validator = OutputValidator()
+    failed = 0
+    for case in cases:
+        result = run_case(pack, case, update=update, validator=validator)
+        status = "updated" if result.updated else ("ok" if result.passed else "FAILED")
+        click.echo(f"{result.name}: {status}")
+        if not result.passed:
+            failed += 1
+            for problem in result.problems:
+                click.echo(f"  {problem}")
+            if result.diff:
+                click.echo(result.diff.rstrip("\n"))
+    click.echo(f"{len(cases) - failed} passed, {failed} failed")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,6 +62,15 @@ class CompiledRule:
     template_traced: Fn
 
 
+@dataclass(frozen=True)
+class RuleSource:
+    """A rule file as read from disk, kept for static checks (`fhirbridge mappings validate`)."""
+
+    file: str
+    data: dict[str, Any]
+    lines: dict[str, int]
+
+
 @dataclass
 class Integrity:
     """Cross-record checks the JSON Schema cannot express (declared in pack.yaml)."""
@@ -89,6 +98,11 @@ class MappingPack:
     constants: dict[str, Any]
     fixtures_dir: Path | None
     files: list[str]
+    rule_sources: list[RuleSource] = field(default_factory=list)
+    code_systems: list[str] = field(default_factory=list)
+    identity_source_path: str = ""  # e.g. "source" (for coverage)
+    identity_patient_path: str = ""
+    manifest_lines: dict[str, int] = field(default_factory=dict)
 
 
 def _schema_problems(
@@ -270,6 +284,13 @@ def load_pack(directory: Path | str) -> MappingPack:
         constants=constants,
         fixtures_dir=(root / fixtures) if fixtures else None,
         files=files,
+        rule_sources=[RuleSource(rel, data, lines) for rel, data, lines in rule_files],
+        manifest_lines=manifest_lines,
+        code_systems=list(manifest.get("code_systems", [])),
+        identity_source_path=ident["source"].removeprefix("$.").removeprefix("$submission."),
+        identity_patient_path=ident.get("patient", "")
+        .removeprefix("$.")
+        .removeprefix("$submission."),
     )
 
 

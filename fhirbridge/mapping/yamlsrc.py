@@ -15,8 +15,11 @@ def escape_pointer_token(token: str | int) -> str:
     return str(token).replace("~", "~0").replace("/", "~1")
 
 
-def _collect_lines(node: yaml.Node, pointer: str, lines: dict[str, int]) -> None:
-    lines.setdefault(pointer, node.start_mark.line + 1)
+def _collect_lines(
+    node: yaml.Node, pointer: str, lines: dict[str, int], line: int | None = None
+) -> None:
+    # A mapping entry is reported at its key's line (where a reader looks), not its value's.
+    lines.setdefault(pointer, line if line is not None else node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         merged: list[yaml.Node] = []
         for key_node, value_node in node.value:
@@ -27,7 +30,7 @@ def _collect_lines(node: yaml.Node, pointer: str, lines: dict[str, int]) -> None
                 )
                 continue
             child = f"{pointer}/{escape_pointer_token(key_node.value)}"
-            _collect_lines(value_node, child, lines)
+            _collect_lines(value_node, child, lines, key_node.start_mark.line + 1)
         for source in merged:
             _collect_lines(source, pointer, lines)
     elif isinstance(node, yaml.SequenceNode):

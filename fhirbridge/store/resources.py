@@ -527,9 +527,7 @@ class ResourceStore:
         if existing is not None and final:
             # The same document applied again after others changed its records.
             conn.execute(
-                update(submissions)
-                .where(submissions.c.id == existing)
-                .values(**submission_values)
+                update(submissions).where(submissions.c.id == existing).values(**submission_values)
             )
         return SaveResult(
             created=existing is None,
