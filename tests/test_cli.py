@@ -108,3 +108,76 @@ def test_serve_starts_on_sqlite_and_answers(tmp_path: Path) -> None:
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+def _distinct(doc: dict, n: int) -> dict:
+    """The fixture with every source id made unique to submission n (ids are unique per source)."""
+    text = json.dumps(doc)
+    for prefix in ('"p-', '"s-', '"d-', '"v-', '"ae-', '"a-'):
+        text = text.replace(prefix, f"{prefix}{n}-")
+    return json.loads(text)
+
+
+def _ndjson(tmp_path: Path, docs: list[object]) -> Path:
+    path = tmp_path / "in.ndjson"
+    path.write_text("\n".join(d if isinstance(d, str) else json.dumps(d) for d in docs) + "\n")
+    return path
+
+
+def test_map_ndjson_streams_and_reports_bad_lines_by_number(tmp_path: Path) -> None:
+    doc = json.loads(FIXTURE.read_text())
+    bad = _distinct(doc, 9)
+    bad["vitals"][0]["heartRate"] = "Zelda-Quintessa"
+    path = _ndjson(tmp_path, [_distinct(doc, 1), "{broken", _distinct(doc, 2), "", bad])
+    result = CliRunner().invoke(main, ["map", str(path)])
+    assert result.exit_code == 1
+    lines = [json.loads(x) for x in result.stdout.splitlines()]
+    assert len(lines) == 54 and all("resourceType" in x for x in lines)
+    assert f"{path}:2: malformed JSON at column 2" in result.stderr
+    assert f"{path}:5: vitals[0].heartRate: must be of type number" in result.stderr
+    # the blank line 4 is not a submission
+    assert "4 submissions: 2 mapped, 2 failed, 54 resources" in result.stderr
+    assert "Zelda" not in result.output
+
+
+def test_map_ndjson_to_one_bundle_deduplicates_shared_resources(tmp_path: Path) -> None:
+    doc = json.loads(FIXTURE.read_text())
+    path = _ndjson(tmp_path, [_distinct(doc, 1), _distinct(doc, 2)])
+    result = CliRunner().invoke(main, ["map", "--output", "bundle", str(path)])
+    assert result.exit_code == 0, result.stderr
+    bundle = json.loads(result.stdout)
+    ids = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in bundle["entry"]]
+    assert len(ids) == len(set(ids)) == 2 * 27 - 3  # 2 practitioners and 1 medication shared
+    from fhirbridge.fhir.validate import OutputValidator
+
+    assert OutputValidator().validate(bundle) == []
+
+
+def test_map_ndjson_with_only_bad_lines_writes_a_valid_empty_bundle(tmp_path: Path) -> None:
+    path = _ndjson(tmp_path, ["{broken"])
+    result = CliRunner().invoke(main, ["map", "--output", "bundle", str(path)])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {"resourceType": "Bundle", "type": "transaction"}
+
+
+def test_batch_reports_progress_per_line() -> None:
+    import io
+    from datetime import UTC, datetime
+
+    from fhirbridge.batch import map_lines
+    from fhirbridge.mapping.pack import load_pack
+
+    doc = json.loads(FIXTURE.read_text())
+    raw = [json.dumps(_distinct(doc, i)).encode() + b"\n" for i in range(3)]
+    seen: list[tuple[int, int]] = []
+    out = io.BytesIO()
+    stats = map_lines(
+        raw,
+        out,
+        pack=load_pack(ROOT / "mappings"),
+        now=lambda: datetime(2026, 1, 1, tzinfo=UTC),
+        on_line=lambda n, size: seen.append((n, size)),
+    )
+    assert seen == [(i + 1, len(r)) for i, r in enumerate(raw)]
+    assert stats.submissions == 3 and stats.failed == 0 and stats.resources == 81
+    assert stats.unmapped == {"adverse-event-terms": 3}
