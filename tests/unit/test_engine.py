@@ -272,3 +272,36 @@ def test_untraced_and_traced_mapping_agree(tmp_path: Path) -> None:
 def test_content_hash_ignores_key_order() -> None:
     assert content_hash({"a": 1, "b": [1, 2]}) == content_hash({"b": [1, 2], "a": 1})
     assert content_hash({"a": 1}) != content_hash({"a": 2})
+
+
+def _leaf_paths(value: Any, path: str) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*(_leaf_paths(v, f"{path}.{k}") for k, v in value.items()))
+    if isinstance(value, list):
+        return set().union(*(_leaf_paths(v, f"{path}[{i}]") for i, v in enumerate(value)))
+    return {path}
+
+
+def test_medicine_session_trace_covers_every_element_with_a_real_rule_line() -> None:
+    root = Path(__file__).resolve().parents[2]
+    pack = load_pack(root / "mappings")
+    doc = __import__("json").loads(
+        (root / "mappings/fixtures/medicine-session.in.json").read_text()
+    )
+    result = map_submission(pack, doc, now=NOW, trace=True)
+    assert result.trace is not None
+    for resource in result.resources:
+        rows = result.trace[f"{resource['resourceType']}/{resource['id']}"]
+        assert {r["path"] for r in rows} == _leaf_paths(resource, resource["resourceType"])
+        assert len(rows) == len({r["path"] for r in rows})  # one rule per element
+        for row in rows:
+            lines = (root / "mappings" / row["file"]).read_text().splitlines()
+            assert 1 <= row["line"] <= len(lines)
+    # elements from a table name the table
+    (nausea,) = [r for r in result.resources if r["resourceType"] == "AdverseEvent"][:1]
+    coded = next(
+        r
+        for r in result.trace[f"AdverseEvent/{nausea['id']}"]
+        if r["path"] == "AdverseEvent.event.coding[0].code"
+    )
+    assert coded["detail"] == "table adverse-event-terms (terminology/adverse-event-terms.yaml)"
