@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -321,9 +321,24 @@ class ResourceStore:
             return False
         return True
 
+    def analyze(self) -> None:
+        """Refresh the planner statistics of the store's tables (after a bulk load: PostgreSQL
+        plans without statistics until autovacuum's first ANALYZE, and can pick index scans
+        that read a whole table)."""
+        with self._engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            for table in metadata.sorted_tables:
+                conn.exec_driver_sql(f"ANALYZE {table.name}")
+
     def close(self) -> None:
         """Close every pooled connection."""
         self._engine.dispose()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE), for modules sharing this database."""
+        with self._write() as conn:
+            yield conn
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -350,6 +365,7 @@ class ResourceStore:
         summary: Mapping[str, Any],
         now: datetime,
         only_if_changed: Collection[str] = ("Provenance",),
+        on_saved: Callable[[Connection, SaveResult], None] | None = None,
     ) -> SaveResult:
         """Store a submission and its resources in one transaction.
 
@@ -366,7 +382,7 @@ class ResourceStore:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 with self._write() as conn:
-                    return self._save(
+                    result = self._save(
                         conn,
                         submission_id=submission_id,
                         source=source,
@@ -378,6 +394,10 @@ class ResourceStore:
                         now_us=now_us,
                         only_if_changed=frozenset(only_if_changed),
                     )
+                    # Same transaction: accepting and queueing for delivery commit together.
+                    if on_saved is not None:
+                        on_saved(conn, result)
+                    return result
             except DBAPIError as exc:
                 if attempt == MAX_ATTEMPTS or not _retryable(exc):
                     raise

@@ -39,6 +39,7 @@ __all__ = [
     "ID_LENGTH",
     "INDEXED_TEXT_LENGTH",
     "UtcDateTime",
+    "delivery",
     "metadata",
     "resource_history",
     "resources",
@@ -154,4 +155,32 @@ search_index = Table(
     Index(None, "ref", "resource_type", "param"),
     Index(None, "resource_type", "param", "date_lo"),
     Index(None, "resource_type", "param", "date_hi"),
+)
+
+# The sync outbox and ledger: one row per (target, resource). Written in the same transaction
+# as the resource version it asks to deliver; claimed by workers (FOR UPDATE SKIP LOCKED on
+# PostgreSQL); it records what the target did with it. `last_error` holds a PHI-free summary.
+#   status: queued | in_flight | sent | retrying | waiting | dead | fallback | skipped
+delivery = Table(
+    "sync_delivery",
+    metadata,
+    Column("target", String(64), primary_key=True),
+    Column("resource_type", String(TYPE_LENGTH), primary_key=True),
+    Column("resource_id", String(ID_LENGTH), primary_key=True),
+    Column("patient_ref", String(REF_LENGTH), nullable=False),
+    Column("want_version", Integer, nullable=False),
+    Column("sent_version", Integer, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", BigInteger, nullable=False),  # µs
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", BigInteger, nullable=True),  # µs
+    Column("server_id", String(INDEXED_TEXT_LENGTH), nullable=True),
+    Column("server_version", String(64), nullable=True),
+    Column("action", String(32), nullable=True),  # put | create | conditional-create | note | skip
+    Column("last_error", Text, nullable=True),
+    Column("queued_at", BigInteger, nullable=False),  # µs: when the wanted version was queued
+    Column("updated_at", BigInteger, nullable=False),  # µs
+    Index(None, "status", "next_attempt_at"),
+    Index(None, "target", "patient_ref"),
 )

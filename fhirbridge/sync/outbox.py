@@ -1,0 +1,440 @@
+"""The sync outbox and ledger, in the service's own database.
+
+`enqueue` runs inside the transaction that stores a submission, so a resource version is never
+accepted without its deliveries being queued (and never queued without being stored). Workers
+`claim` due rows under a lease: on PostgreSQL with FOR UPDATE SKIP LOCKED, so workers on several
+machines share one queue without taking the same row; on SQLite writers are serialized anyway.
+A row whose lease ran out (its worker died) is due again. Results are written back only by the
+lease holder, and a version that arrived while a row was in flight re-queues it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import Connection, and_, func, insert, or_, select, tuple_, update
+
+from fhirbridge.store.fhirdates import micros, micros_to_datetime
+from fhirbridge.store.resources import ResourceStore, SaveResult
+from fhirbridge.store.schema import delivery
+
+log = logging.getLogger(__name__)
+
+Status = Literal[
+    "queued", "in_flight", "sent", "retrying", "waiting", "dead", "fallback", "skipped"
+]
+DUE_STATUSES = ("queued", "retrying", "waiting")
+FINAL_STATUSES = ("sent", "dead", "fallback", "skipped")
+_d = delivery.c
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which resource types go to a target (None: every type)."""
+
+    target: str
+    resource_types: frozenset[str] | None = None
+
+    def accepts(self, resource_type: str) -> bool:
+        return self.resource_types is None or resource_type in self.resource_types
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One ledger row: where the delivery of one resource to one target stands."""
+
+    target: str
+    resource_type: str
+    resource_id: str
+    patient_ref: str
+    want_version: int
+    sent_version: int | None
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    server_id: str | None
+    server_version: str | None
+    action: str | None
+    last_error: str | None
+    queued_at: datetime
+    updated_at: datetime
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.resource_type, self.resource_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "resourceType": self.resource_type,
+            "id": self.resource_id,
+            "status": self.status,
+            "wantVersion": str(self.want_version),
+            "sentVersion": None if self.sent_version is None else str(self.sent_version),
+            "attempts": self.attempts,
+            "nextAttemptAt": self.next_attempt_at.isoformat(),
+            "serverId": self.server_id,
+            "serverVersion": self.server_version,
+            "action": self.action,
+            "lastError": self.last_error,
+            "updatedAt": self.updated_at.isoformat(),
+        }
+
+
+def _row(r: Any) -> Delivery:
+    return Delivery(
+        target=r.target,
+        resource_type=r.resource_type,
+        resource_id=r.resource_id,
+        patient_ref=r.patient_ref,
+        want_version=r.want_version,
+        sent_version=r.sent_version,
+        status=r.status,
+        attempts=r.attempts,
+        next_attempt_at=micros_to_datetime(r.next_attempt_at),
+        server_id=r.server_id,
+        server_version=r.server_version,
+        action=r.action,
+        last_error=r.last_error,
+        queued_at=micros_to_datetime(r.queued_at),
+        updated_at=micros_to_datetime(r.updated_at),
+    )
+
+
+class Outbox:
+    """Queue and ledger of deliveries, sharing the ResourceStore's database."""
+
+    def __init__(self, store: ResourceStore, routes: Sequence[Route]) -> None:
+        self.store = store
+        self.routes = list(routes)
+
+    # ------------------------------------------------------------------ enqueue
+
+    def enqueue(
+        self, conn: Connection, saved: SaveResult, *, patient_ref: str, now: datetime
+    ) -> int:
+        """Queue every created or updated resource for every target that takes its type.
+
+        Call inside the transaction that stored `saved` (ResourceStore.save_submission's
+        `on_saved`). Returns the number of rows queued or re-queued.
+        """
+        changed = [
+            (r.resource_type, r.id, int(r.version_id))
+            for r in saved.resources
+            if r.outcome != "unchanged"
+        ]
+        return self.enqueue_versions(conn, changed, patient_ref=patient_ref, now=now)
+
+    def enqueue_versions(
+        self,
+        conn: Connection,
+        changed: Iterable[tuple[str, str, int]],
+        *,
+        patient_ref: str,
+        now: datetime,
+    ) -> int:
+        wanted = [
+            (route.target, rtype, rid, version)
+            for rtype, rid, version in changed
+            for route in self.routes
+            if route.accepts(rtype)
+        ]
+        if not wanted:
+            return 0
+        now_us = micros(now)
+        keys = [(t, rt, ri) for t, rt, ri, _ in wanted]
+        existing: dict[tuple[str, str, str], str] = {}
+        for chunk in _chunks(keys, 300):
+            stmt = select(_d.target, _d.resource_type, _d.resource_id, _d.status).where(
+                tuple_(_d.target, _d.resource_type, _d.resource_id).in_(chunk)
+            )
+            for r in conn.execute(stmt):
+                existing[(r.target, r.resource_type, r.resource_id)] = r.status
+        inserts = []
+        for target, rtype, rid, version in sorted(wanted):
+            key = (target, rtype, rid)
+            if key not in existing:
+                inserts.append(
+                    {
+                        "target": target,
+                        "resource_type": rtype,
+                        "resource_id": rid,
+                        "patient_ref": patient_ref,
+                        "want_version": version,
+                        "sent_version": None,
+                        "status": "queued",
+                        "attempts": 0,
+                        "next_attempt_at": now_us,
+                        "queued_at": now_us,
+                        "updated_at": now_us,
+                    }
+                )
+                continue
+            values: dict[str, Any] = {
+                "want_version": version,
+                "updated_at": now_us,
+                "queued_at": now_us,
+            }
+            if existing[key] != "in_flight":
+                # A new version starts afresh: earlier failures were about an older version.
+                values.update(status="queued", attempts=0, next_attempt_at=now_us, last_error=None)
+            conn.execute(
+                update(delivery)
+                .where(
+                    _d.target == target,
+                    _d.resource_type == rtype,
+                    _d.resource_id == rid,
+                )
+                .values(**values)
+            )
+        if inserts:
+            conn.execute(insert(delivery), inserts)
+        return len(wanted)
+
+    # ------------------------------------------------------------------ claim
+
+    def claim(
+        self,
+        target: str,
+        *,
+        owner: str,
+        now: datetime,
+        limit: int = 100,
+        lease: timedelta = timedelta(minutes=2),
+    ) -> list[Delivery]:
+        """Take up to `limit` due rows of one target, oldest first, under a lease for `owner`.
+
+        Rows of one patient are claimed together (the patient with the oldest due row first),
+        so the planner sees a resource together with what it references.
+        """
+        now_us = micros(now)
+        due = or_(
+            and_(_d.status.in_(DUE_STATUSES), _d.next_attempt_at <= now_us),
+            and_(_d.status == "in_flight", _d.lease_until < now_us),  # a dead worker's lease
+        )
+        with self.store.write() as conn:
+            first = conn.execute(
+                select(_d.patient_ref)
+                .where(_d.target == target, due)
+                .order_by(_d.next_attempt_at)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if first is None:
+                return []
+            rows = conn.execute(
+                select(delivery)
+                .where(_d.target == target, _d.patient_ref == first.patient_ref, due)
+                .order_by(_d.resource_type, _d.resource_id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return []
+            lease_until = micros(now + lease)
+            conn.execute(
+                update(delivery)
+                .where(
+                    _d.target == target,
+                    tuple_(_d.resource_type, _d.resource_id).in_(
+                        [(r.resource_type, r.resource_id) for r in rows]
+                    ),
+                )
+                .values(
+                    status="in_flight",
+                    lease_owner=owner,
+                    lease_until=lease_until,
+                    updated_at=now_us,
+                )
+            )
+        return [replace(_row(r), status="in_flight") for r in rows]
+
+    # ------------------------------------------------------------------ record results
+
+    def record(
+        self,
+        target: str,
+        key: tuple[str, str],
+        *,
+        owner: str,
+        version: int,
+        status: Status,
+        now: datetime,
+        server_id: str | None = None,
+        server_version: str | None = None,
+        action: str | None = None,
+        error: str | None = None,
+        next_attempt_at: datetime | None = None,
+        count_attempt: bool = True,
+    ) -> bool:
+        """Write the outcome of one delivery attempt; False when `owner` no longer holds it.
+
+        A version newer than `version` that arrived meanwhile sends the row back to queued.
+        """
+        now_us = micros(now)
+        with self.store.write() as conn:
+            current = conn.execute(
+                select(_d.want_version, _d.lease_owner, _d.status, _d.attempts)
+                .where(_d.target == target, _d.resource_type == key[0], _d.resource_id == key[1])
+                .with_for_update()
+            ).first()
+            if current is None or current.lease_owner != owner or current.status != "in_flight":
+                log.warning("lost the lease on a delivery to %s; result not recorded", target)
+                return False
+            values: dict[str, Any] = {
+                "status": status,
+                "lease_owner": None,
+                "lease_until": None,
+                "updated_at": now_us,
+                "last_error": error,
+                "next_attempt_at": micros(next_attempt_at) if next_attempt_at else now_us,
+            }
+            if count_attempt:
+                values["attempts"] = current.attempts + 1
+            if status in ("sent", "fallback", "skipped"):
+                values.update(sent_version=version, attempts=0)
+                if server_id is not None:
+                    values["server_id"] = server_id
+                if server_version is not None:
+                    values["server_version"] = server_version
+                if action is not None:
+                    values["action"] = action
+                if current.want_version > version:
+                    values.update(status="queued", next_attempt_at=now_us)
+            conn.execute(
+                update(delivery)
+                .where(
+                    _d.target == target,
+                    _d.resource_type == key[0],
+                    _d.resource_id == key[1],
+                )
+                .values(**values)
+            )
+        return True
+
+    def release(
+        self, target: str, keys: Iterable[tuple[str, str]], *, owner: str, now: datetime
+    ) -> None:
+        """Give back claimed rows untouched (e.g. a worker shutting down)."""
+        with self.store.write() as conn:
+            conn.execute(
+                update(delivery)
+                .where(
+                    _d.target == target,
+                    _d.lease_owner == owner,
+                    _d.status == "in_flight",
+                    tuple_(_d.resource_type, _d.resource_id).in_(list(keys)),
+                )
+                .values(status="queued", lease_owner=None, lease_until=None, updated_at=micros(now))
+            )
+
+    # ------------------------------------------------------------------ reads
+
+    def ledger(
+        self, target: str, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], Delivery]:
+        out: dict[tuple[str, str], Delivery] = {}
+        with self.store.engine.connect() as conn:
+            for chunk in _chunks(list(keys), 300):
+                for r in conn.execute(
+                    select(delivery).where(
+                        _d.target == target, tuple_(_d.resource_type, _d.resource_id).in_(chunk)
+                    )
+                ):
+                    out[(r.resource_type, r.resource_id)] = _row(r)
+        return out
+
+    def server_refs(self, target: str, refs: Iterable[str]) -> dict[str, str]:
+        """Our "Type/id" → the target's "Type/id", for what the target already has."""
+        keys = [tuple(r.split("/", 1)) for r in refs if "/" in r]
+        found = self.ledger(target, [(k[0], k[1]) for k in keys])
+        return {
+            f"{t}/{i}": f"{t}/{d.server_id}"
+            for (t, i), d in found.items()
+            if d.server_id and d.sent_version is not None
+        }
+
+    def deliveries(
+        self,
+        *,
+        target: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Delivery]:
+        stmt = select(delivery)
+        if target is not None:
+            stmt = stmt.where(_d.target == target)
+        if status is not None:
+            stmt = stmt.where(_d.status == status)
+        stmt = stmt.order_by(_d.updated_at.desc(), _d.resource_type, _d.resource_id)
+        with self.store.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(stmt.limit(limit).offset(offset))]
+
+    def for_resources(self, keys: Iterable[tuple[str, str]]) -> list[Delivery]:
+        """Every target's row for these resources (the per-submission delivery view)."""
+        out: list[Delivery] = []
+        with self.store.engine.connect() as conn:
+            for chunk in _chunks(list(keys), 300):
+                out += [
+                    _row(r)
+                    for r in conn.execute(
+                        select(delivery).where(tuple_(_d.resource_type, _d.resource_id).in_(chunk))
+                    )
+                ]
+        return sorted(out, key=lambda d: (d.target, d.resource_type, d.resource_id))
+
+    def summary(self, now: datetime) -> dict[str, dict[str, Any]]:
+        """Per target: counts by status and the age of the oldest row still waiting."""
+        out: dict[str, dict[str, Any]] = {r.target: _empty_summary() for r in self.routes}
+        with self.store.engine.connect() as conn:
+            for r in conn.execute(
+                select(_d.target, _d.status, func.count(), func.min(_d.queued_at)).group_by(
+                    _d.target, _d.status
+                )
+            ):
+                entry = out.setdefault(r[0], _empty_summary())
+                entry[r[1]] = entry.get(r[1], 0) + r[2]
+                if r[1] not in FINAL_STATUSES and r[3] is not None:
+                    age = (now - micros_to_datetime(r[3])).total_seconds()
+                    entry["oldestWaitingSeconds"] = max(entry["oldestWaitingSeconds"] or 0, age)
+        return out
+
+    def replay(self, target: str, keys: Iterable[tuple[str, str]] | None, *, now: datetime) -> int:
+        """Send dead letters again (all of the target's when keys is None)."""
+        now_us = micros(now)
+        stmt = update(delivery).where(_d.target == target, _d.status == "dead")
+        if keys is not None:
+            stmt = stmt.where(tuple_(_d.resource_type, _d.resource_id).in_(list(keys)))
+        with self.store.write() as conn:
+            result = conn.execute(
+                stmt.values(status="queued", attempts=0, next_attempt_at=now_us, updated_at=now_us)
+            )
+        return int(result.rowcount or 0)
+
+
+def _empty_summary() -> dict[str, Any]:
+    return {
+        "queued": 0,
+        "in_flight": 0,
+        "sent": 0,
+        "retrying": 0,
+        "waiting": 0,
+        "dead": 0,
+        "fallback": 0,
+        "skipped": 0,
+        "oldestWaitingSeconds": None,
+    }
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
