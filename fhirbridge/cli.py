@@ -191,6 +191,47 @@ def _size_of(file: Any) -> int | None:
         return None
 
 
+@main.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(allow_dash=True))
+def validate_command(files: tuple[str, ...]) -> None:
+    """Check FHIR R4 FILEs (a resource, a Bundle or NDJSON; - for stdin).
+
+    Checks the R4B models, the official R4 JSON Schema and the R4 vital-signs profiles; prints
+    FILE:LINE: severity location: message per issue, then a summary. NDJSON (.ndjson, or one
+    object per line) is streamed line by line. Exit status: 0 no error, 1 errors, 2 unreadable
+    or malformed input.
+    """
+    from fhirbridge.fhir.checker import check_stream, format_issue
+    from fhirbridge.fhir.validate import OutputValidator
+
+    validator = OutputValidator()
+    resources = issues = 0
+    failed = broken = False
+    for name in files:
+        try:
+            stream = sys.stdin.buffer if name == "-" else open(name, "rb")  # noqa: SIM115
+        except OSError as exc:
+            click.echo(f"{name}: cannot read: {exc.strerror or type(exc).__name__}", err=True)
+            broken = True
+            continue
+        try:
+            for checked in check_stream(name, stream, validator=validator):
+                resources += checked.resources
+                failed |= checked.failed
+                broken |= checked.malformed
+                for line, issue in checked.findings:
+                    click.echo(format_issue(name, line, issue))
+                    issues += 1
+        except OSError as exc:  # e.g. a directory, or a read error half-way
+            click.echo(f"{name}: cannot read: {exc.strerror or type(exc).__name__}", err=True)
+            broken = True
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+    click.echo(f"{resources} resources, {issues} issues")
+    raise SystemExit(2 if broken else 1 if failed else 0)
+
+
 @main.group()
 def mappings() -> None:
     """Work with mapping packs."""
@@ -250,6 +291,53 @@ def mappings_test(directory: Path | None, update: bool) -> None:
     click.echo(f"{len(cases) - failed} passed, {failed} failed")
     if failed:
         raise SystemExit(1)
+
+
+@mappings.command("export-conceptmaps")
+@click.argument("directory", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write ConceptMap-<table>.json files here (default: one collection Bundle on stdout).",
+)
+def mappings_export_conceptmaps(directory: Path | None, out_dir: Path | None) -> None:
+    """Export the code tables of the pack in DIRECTORY as FHIR R4 ConceptMaps.
+
+    Every ConceptMap is validated (R4B + official R4 schema) before anything is written. Value
+    tables (rows that are not codes) have no ConceptMap and are named on stderr.
+    Exit status: 0 written, 1 a ConceptMap is invalid, 2 the pack does not load.
+    """
+    from fhirbridge.fhir.conceptmap import collection_bundle, table_to_conceptmap
+    from fhirbridge.fhir.validate import OutputValidator
+
+    pack = _load_pack(directory)
+    validator = OutputValidator()
+    maps: list[tuple[str, dict[str, Any]]] = []
+    invalid = 0
+    for name in sorted(pack.tables):
+        table = pack.tables[name]
+        conceptmap = table_to_conceptmap(table, pack)
+        if conceptmap is None:
+            click.echo(
+                f"note: {table.file}: table {name} holds values, not codes: skipped", err=True
+            )
+            continue
+        for issue in validator.validate(conceptmap):
+            invalid += 1
+            where = ", ".join(issue.expression) or "-"
+            click.echo(f"error: {table.file}: ConceptMap {where}: {issue.diagnostics}", err=True)
+        maps.append((name, conceptmap))
+    if invalid:
+        raise SystemExit(1)
+    if out_dir is None:
+        _emit(collection_bundle(conceptmap for _, conceptmap in maps))
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, conceptmap in maps:
+        path = out_dir / f"ConceptMap-{name}.json"
+        path.write_bytes(orjson.dumps(conceptmap, option=orjson.OPT_INDENT_2) + b"\n")
+    click.echo(f"{len(maps)} ConceptMaps written to {out_dir}")
 
 
 if __name__ == "__main__":  # pragma: no cover

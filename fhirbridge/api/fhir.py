@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
@@ -53,6 +54,8 @@ __all__ = ["NotAcceptableError", "bp", "capability_statement", "init_app"]
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 FHIR_JSON_UTF8 = f"{FHIR_JSON}; charset=utf-8"
+# app.extensions key: a list of CapabilityStatement.rest.resource entries added by other blueprints
+CAPABILITY_EXTENSIONS = "fhirbridge.capability_resources"
 FHIR_VERSION = "4.0.1"
 EVERYTHING_DEFINITION = "http://hl7.org/fhir/OperationDefinition/Patient-everything"
 _JSON_MIMETYPES = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
@@ -169,8 +172,13 @@ def _search_param(sp: SearchParam) -> dict[str, Any]:
     return out
 
 
-def capability_statement(base_url: str) -> dict[str, Any]:
-    """What this server does, derived from the same parameter table the store indexes."""
+def capability_statement(
+    base_url: str, extra_resources: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """What this server does, derived from the same parameter table the store indexes.
+
+    `extra_resources`: rest.resource entries other blueprints serve under /fhir (ConceptMap).
+    """
     try:
         software_version = version("fhirbridge")
     except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
@@ -193,6 +201,7 @@ def capability_statement(base_url: str) -> dict[str, Any]:
         if rtype == "Patient":
             entry["operation"] = [{"name": "everything", "definition": EVERYTHING_DEFINITION}]
         resources.append(entry)
+    resources.extend(extra_resources)
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -220,7 +229,8 @@ def capability_statement(base_url: str) -> dict[str, Any]:
 @bp.get("/metadata")
 def metadata() -> Response:
     """GET /fhir/metadata."""
-    return _fhir(orjson.dumps(capability_statement(_base_url())))
+    extra = current_app.extensions.get(CAPABILITY_EXTENSIONS, ())
+    return _fhir(orjson.dumps(capability_statement(_base_url(), extra)))
 
 
 # ---------------------------------------------------------------- read, vread, history
