@@ -124,10 +124,11 @@ class SavedResource:
 class SaveResult:
     """The outcome of save_submission.
 
-    created=False: a submission with this source and content_hash already existed (its id is
-    returned) and nothing was changed; `resources` and `stored_resources` are then empty.
-    Otherwise `resources` and `stored_resources` follow the input order, one per resource:
-    what was done, and the resource as it is now stored (meta.versionId/lastUpdated included).
+    created=False: a submission with this source and content_hash already existed; its id is
+    returned and the document was applied again (normally every resource "unchanged"; records
+    changed since by other submissions are restored). `resources` and `stored_resources` follow
+    the input order, one per resource: what was done, and the resource as it is now stored
+    (meta.versionId/lastUpdated included).
     """
 
     created: bool
@@ -369,11 +370,14 @@ class ResourceStore:
     ) -> SaveResult:
         """Store a submission and its resources in one transaction.
 
-        An existing submission with the same `source` and `content_hash` makes this a no-op
-        (created=False). Otherwise each resource is compared with its current version, ignoring
-        meta.versionId/lastUpdated: identical → "unchanged" (nothing written); absent or deleted
-        → "created"; different → "updated" (versionId + 1). Written resources get meta.versionId
-        and meta.lastUpdated (`now`, milliseconds), a history row and fresh search-index rows.
+        A submission with the same `source` and `content_hash` is not stored twice
+        (created=False, its id returned), but its document is applied again. Each resource is
+        compared with its current version, ignoring meta.versionId/lastUpdated: identical →
+        "unchanged" (nothing written); absent or deleted → "created"; different → "updated"
+        (versionId + 1). Types in `only_if_changed` (the import's Provenance) are written only
+        when some other resource changed. Written resources get meta.versionId and
+        meta.lastUpdated (`now`, milliseconds), a history row and fresh search-index rows.
+        `on_saved(conn, result)` runs inside the same transaction (e.g. to queue deliveries).
         """
         prepared = [_prepare(r) for r in resources]
         now_us = micros(now)
