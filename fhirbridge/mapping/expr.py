@@ -17,11 +17,14 @@ Syntax (full reference with examples: mappings/README.md):
   {$find: e, where: {field: e}}          first element of list e whose fields equal the values
   {$eq|$ne: [a, b]}, {$and|$or: [..]}, {$not: e}, {$exists: e}, {$is_integer: e},
   {$integer: e}, {$min|$max: e}, {$coalesce: [..]}, {$literal: v}, {$produced: true}
+  {$number: e}                           the number a decimal text stands for ("36.7" → 36.7,
+                                         "80" → 80); numbers pass through; anything else → null
 Null, empty lists and empty objects are pruned from the output, as FHIR forbids them.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Callable, Iterable
@@ -251,6 +254,7 @@ _OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "$coalesce": (frozenset(), frozenset()),
     "$literal": (frozenset(), frozenset()),
     "$produced": (frozenset(), frozenset({"types"})),
+    "$number": (frozenset(), frozenset()),
 }
 _SPREADING_OPS = frozenset({"$each", "$produced"})
 OP_NAMES = frozenset(_OPS)
@@ -680,6 +684,8 @@ def _compile_value_op(
         return lambda ctx: _is_integer(arg(ctx))
     if name == "$integer":
         return lambda ctx: int(v) if _is_integer(v := arg(ctx)) else None
+    if name == "$number":
+        return lambda ctx: _number(arg(ctx))
     if name in ("$min", "$max"):
         pick = min if name == "$min" else max
 
@@ -700,6 +706,36 @@ def _is_integer(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+_DECIMAL_RE = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
+_INTEGER_RE = re.compile(r"^[+-]?[0-9]+$")
+
+
+def _number(value: Any) -> int | float | None:
+    """A number from a decimal text: whole → int, with a point or exponent → float.
+
+    So "80" gives 80 and "80.0" gives 80.0, as a JSON parser reads those numbers; a sign, leading
+    zeros and a bare point (".5", "5.") are accepted too.
+
+    Exports that carry every value as text (REDCap JSON) need this for FHIR decimals and
+    integers. Numbers pass through; booleans, other text and non-finite results give null.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if not isinstance(value, str) or not _DECIMAL_RE.match(value):
+        return None
+    if _INTEGER_RE.match(value):
+        try:
+            return int(value)
+        except ValueError:  # beyond Python's int-from-text digit limit
+            return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def _sort_key(value: Any) -> Any:
