@@ -20,10 +20,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     from fhirbridge.fhir.validate import OutputValidator
     from fhirbridge.mapping.pack import load_pack
     from fhirbridge.store.resources import ResourceStore
+    from fhirbridge.sync.outbox import Outbox
+    from fhirbridge.sync.runtime import routes
+    from fhirbridge.sync.targets import load_targets
     from fhirbridge.validation import SubmissionValidator
 
     settings = settings or Settings()
     pack = load_pack(settings.mappings_dir)
+    targets = load_targets(settings.targets) if settings.targets else []
     store = ResourceStore.from_url(settings.database_url)
     store.create_schema()
 
@@ -36,6 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         input_validator=SubmissionValidator(pack.source_schema, pack.integrity),
         output_validator=OutputValidator(),
         store=store,
+        outbox=Outbox(store, routes(targets)),
     )
     problems.init_app(app)
     health.init_app(app)

@@ -35,3 +35,9 @@ class Settings(BaseSettings):
     max_page_size: int = Field(default=500, ge=1, le=5000)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     log_level: str = "INFO"
+    targets: Path | None = Field(
+        default=None,
+        description="YAML file of hospital FHIR servers to deliver to (FHIRBRIDGE_TARGETS); "
+        "none: resources are stored and served, not delivered.",
+    )
+    worker_idle_seconds: float = Field(default=1.0, gt=0, le=60)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from fhirbridge.mapping.pack import MappingPack
     from fhirbridge.settings import Settings
     from fhirbridge.store.resources import ResourceStore
+    from fhirbridge.sync.outbox import Outbox
     from fhirbridge.validation import SubmissionValidator
 
 FHIR_JSON = "application/fhir+json"
@@ -27,6 +28,7 @@ class Services:
     input_validator: SubmissionValidator
     output_validator: OutputValidator
     store: ResourceStore
+    outbox: Outbox
 
 
 def services() -> Services:

@@ -49,6 +49,13 @@ def _return_bundle() -> bool:
     return value == "bundle"
 
 
+def _patient_ref(resources: list[dict[str, Any]]) -> str:
+    for resource in resources:
+        if resource["resourceType"] == "Patient":
+            return f"Patient/{resource['id']}"
+    return ""
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -76,6 +83,10 @@ def create_submission() -> Response:
         resources=result.resources,
         summary=body,
         now=now,
+        # Queued for every configured target in the same transaction as the resources.
+        on_saved=lambda conn, saved: svc.outbox.enqueue(
+            conn, saved, patient_ref=_patient_ref(result.resources), now=now
+        ),
     )
     status = 201 if saved.changed else 200
     headers = {"Location": f"{request.root_path}/api/v1/submissions/{result.submission_id}"}

@@ -353,7 +353,8 @@ class Outbox:
         keys = [tuple(r.split("/", 1)) for r in refs if "/" in r]
         found = self.ledger(target, [(k[0], k[1]) for k in keys])
         return {
-            f"{t}/{i}": f"{t}/{d.server_id}"
+            # a record delivered as a note lives on the target as that DocumentReference
+            f"{t}/{i}": f"{'DocumentReference' if d.action == 'note' else t}/{d.server_id}"
             for (t, i), d in found.items()
             if d.server_id and d.sent_version is not None
         }

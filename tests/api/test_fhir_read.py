@@ -139,6 +139,7 @@ def _make_app(tmp_path: Path, **settings: Any) -> tuple[Flask, ResourceStore]:
         input_validator=None,  # type: ignore[arg-type]
         output_validator=None,  # type: ignore[arg-type]
         store=store,
+        outbox=None,  # type: ignore[arg-type]
     )
     problems.init_app(app)
     fhir.init_app(app)

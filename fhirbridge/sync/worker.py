@@ -1,0 +1,413 @@
+"""The sync worker: claim due deliveries, plan them, send them, record what the target did.
+
+The only module that uses the store, the outbox, the planner and the EHR client together.
+One round per claimed patient: the planner sees that patient's due resources with what the
+target already holds; steps run in order, every result is recorded in the ledger as soon as it
+is known, and steps that wait for the ids of earlier POSTs are planned again with those ids.
+Decisions on failure come from sync/retry.py as values; nothing here sleeps on a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fhirbridge.ehr.client import EhrClient, EhrResponse, entry_results
+from fhirbridge.ehr.errors import EhrError, OutcomeUnknownError
+from fhirbridge.errors import GoneError, NotFoundError
+from fhirbridge.store.resources import ResourceStore
+from fhirbridge.sync import planner
+from fhirbridge.sync.capabilities import Capabilities
+from fhirbridge.sync.outbox import Delivery, Outbox
+from fhirbridge.sync.retry import (
+    DEFAULT_POLICY,
+    DeadLetter,
+    ResolveUnknown,
+    RetryAt,
+    RetryPolicy,
+    decide,
+)
+from fhirbridge.sync.targets import Target
+
+log = logging.getLogger(__name__)
+
+WAIT_RECHECK = timedelta(minutes=5)  # a delivery waiting for the target (no encounter, no patient)
+
+
+@dataclass
+class TargetRuntime:
+    """One configured target, ready to send to."""
+
+    target: Target
+    caps: Capabilities
+    client: EhrClient
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    status: str  # sent | fallback | skipped | retrying | dead | waiting
+    server_id: str | None = None
+    server_version: str | None = None
+    action: str | None = None
+    error: str | None = None
+    next_at: datetime | None = None
+    count_attempt: bool = True
+
+
+class Worker:
+    """Delivers due outbox rows to their targets; `run_once` is one pass over all targets."""
+
+    def __init__(
+        self,
+        store: ResourceStore,
+        outbox: Outbox,
+        runtimes: Sequence[TargetRuntime],
+        *,
+        owner: str | None = None,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
+        limit: int = 500,
+        lease: timedelta = timedelta(minutes=2),
+    ) -> None:
+        self.store, self.outbox, self.runtimes = store, outbox, list(runtimes)
+        self.owner = owner or default_owner()
+        self.policy, self.clock = policy, clock
+        self.rng = rng or random.Random()
+        self.limit, self.lease = limit, lease
+
+    # ------------------------------------------------------------------ loop
+
+    def run_once(self) -> int:
+        """Claim and deliver one patient's due rows per target; the number of rows handled."""
+        handled = 0
+        for rt in self.runtimes:
+            rows = self.outbox.claim(
+                rt.target.name,
+                owner=self.owner,
+                now=self.clock(),
+                limit=self.limit,
+                lease=self.lease,
+            )
+            if rows:
+                handled += len(rows)
+                self._deliver(rt, rows)
+        return handled
+
+    def run(self, stop: threading.Event, idle_seconds: float = 1.0) -> None:
+        """Deliver until `stop` is set, resting `idle_seconds` when nothing is due."""
+        while not stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception as exc:  # a broken database or target must not kill the loop
+                log.error("sync pass failed: %s", type(exc).__name__)
+                busy = 0
+            if not busy:
+                stop.wait(idle_seconds)
+
+    # ------------------------------------------------------------------ one patient
+
+    def _deliver(self, rt: TargetRuntime, rows: list[Delivery]) -> None:
+        pending: dict[str, Delivery] = {f"{r.resource_type}/{r.resource_id}": r for r in rows}
+        versions: dict[str, int] = {}
+        for _round in range(20):  # each round settles at least one step, or stops
+            due = self._due(rt, pending, versions)
+            if not due:
+                break
+            refs = self.outbox.server_refs(rt.target.name, _references(due))
+            patient_key = rows[0].patient_ref
+            patient_ref = refs.get(patient_key)
+            plan = planner.plan(
+                rt.target,
+                rt.caps,
+                due,
+                server_refs=refs,
+                patient_ref=patient_ref,
+                encounter_refs={},
+            )
+            progressed = False
+            for step in plan.steps:
+                if getattr(step, "awaiting", ()):
+                    break  # its references are created by steps above: plan again with their ids
+                for key, outcome in self._execute(rt, step, pending):
+                    row = pending.pop(key, None)
+                    if row is None:
+                        continue
+                    self._record(rt, row, versions.get(key, row.want_version), outcome)
+                progressed = True
+            if not progressed:
+                break
+        for key, row in pending.items():
+            # Nothing could be planned for it this pass (its dependencies are still missing).
+            self._record(
+                rt,
+                row,
+                versions.get(key, row.want_version),
+                _Outcome(
+                    "waiting",
+                    error="waiting for a resource it references",
+                    next_at=self.clock() + timedelta(seconds=30),
+                    count_attempt=False,
+                ),
+            )
+
+    def _due(
+        self, rt: TargetRuntime, pending: dict[str, Delivery], versions: dict[str, int]
+    ) -> list[planner.Due]:
+        due: list[planner.Due] = []
+        for key, row in list(pending.items()):
+            try:
+                stored = self.store.read_stored(row.resource_type, row.resource_id)
+                resource = stored.resource()
+            except (NotFoundError, GoneError):
+                pending.pop(key)
+                self._record(
+                    rt,
+                    row,
+                    row.want_version,
+                    _Outcome("skipped", action="skip", error="no longer stored"),
+                )
+                continue
+            versions[key] = int(stored.version_id)
+            ledger = planner.Ledger(
+                server_id=row.server_id,
+                server_version=row.server_version,
+                sent_version=None if row.sent_version is None else str(row.sent_version),
+                state=row.status,
+            )
+            due.append(planner.Due(resource, stored.version_id, ledger))
+        return due
+
+    def _record(self, rt: TargetRuntime, row: Delivery, version: int, o: _Outcome) -> None:
+        self.outbox.record(
+            rt.target.name,
+            (row.resource_type, row.resource_id),
+            owner=self.owner,
+            version=version,
+            status=o.status,  # type: ignore[arg-type]
+            now=self.clock(),
+            server_id=o.server_id,
+            server_version=o.server_version,
+            action=o.action,
+            error=o.error,
+            next_attempt_at=o.next_at,
+            count_attempt=o.count_attempt,
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def _execute(
+        self, rt: TargetRuntime, step: planner.Step, pending: dict[str, Delivery]
+    ) -> Iterator[tuple[str, _Outcome]]:
+        keys = step.settles()
+        attempts = {k: (pending[k].attempts if k in pending else 0) + 1 for k in keys}
+        try:
+            yield from self._run_step(rt, step, attempts)
+        except EhrError as err:
+            for key in keys:
+                yield key, self._failure(err, attempts[key], _unverifiable(step))
+
+    def _run_step(
+        self, rt: TargetRuntime, step: planner.Step, attempts: dict[str, int]
+    ) -> Iterator[tuple[str, _Outcome]]:
+        client = rt.client
+        if isinstance(step, planner.Wait):
+            yield (
+                step.key,
+                _Outcome(
+                    "waiting",
+                    error=step.reason,
+                    next_at=self.clock() + WAIT_RECHECK,
+                    count_attempt=False,
+                ),
+            )
+        elif isinstance(step, planner.Fallback):
+            if step.action == "skip" or step.write is None:
+                yield step.key, _Outcome("skipped", action="skip", error=step.reason)
+                return
+            for key, outcome in self._run_step(rt, step.write, attempts):
+                if outcome.status == "sent":
+                    yield (
+                        key,
+                        _Outcome(
+                            "fallback",
+                            server_id=outcome.server_id,
+                            server_version=outcome.server_version,
+                            action="note",
+                            error=step.reason,
+                        ),
+                    )
+                else:
+                    yield key, outcome
+        elif isinstance(step, planner.Transaction | planner.Batch):
+            response = (
+                client.transaction if isinstance(step, planner.Transaction) else client.batch
+            )(step.bundle())
+            results = entry_results(response.body or {})
+            for entry, result in zip(step.entries, results, strict=False):
+                if result.ok:
+                    yield (
+                        entry.key,
+                        self._sent(entry.method, entry.url, result.location, result.etag),
+                    )
+                else:
+                    assert result.error is not None
+                    yield (
+                        entry.key,
+                        self._failure(result.error, attempts[entry.key], entry.unverifiable_retry),
+                    )
+        elif isinstance(step, planner.Single):
+            headers = {}
+            if step.if_match:
+                headers["If-Match"] = step.if_match
+            if step.if_none_exist:
+                headers["If-None-Exist"] = step.if_none_exist
+            response = client.request(step.method, step.url, json=step.body, headers=headers)
+            yield step.key, self._sent_response(step.method, step.url, response)
+        elif isinstance(step, planner.Update):
+            headers = {"If-Match": step.if_match} if step.if_match else {}
+            response = client.request("PUT", step.url, json=step.body, headers=headers)
+            yield step.key, self._sent_response("PUT", step.url, response)
+        elif isinstance(step, planner.SearchThenCreate):
+            found = client.search(step.type, {"identifier": step.identifier})
+            if len(found) > 1:
+                yield (
+                    step.key,
+                    _Outcome(
+                        "dead",
+                        error=f"{len(found)} resources on the target "
+                        "carry this identifier: resolve by hand",
+                    ),
+                )
+                return
+            if found:
+                meta = found[0].get("meta") or {}
+                yield (
+                    step.key,
+                    _Outcome(
+                        "sent",
+                        server_id=found[0].get("id"),
+                        server_version=meta.get("versionId"),
+                        action="matched",
+                    ),
+                )
+                return
+            response = client.request("POST", step.type, json=step.body)
+            yield step.key, self._sent_response("POST", step.type, response)
+        elif isinstance(step, planner.MatchPatient):
+            found = client.search("Patient", {"identifier": step.identifier})
+            if len(found) == 1:
+                meta = found[0].get("meta") or {}
+                yield (
+                    step.key,
+                    _Outcome(
+                        "sent",
+                        server_id=found[0].get("id"),
+                        server_version=meta.get("versionId"),
+                        action="matched",
+                    ),
+                )
+            elif len(found) > 1:
+                yield (
+                    step.key,
+                    _Outcome(
+                        "dead",
+                        error="several patients on the target match "
+                        "the identifier: resolve by hand",
+                    ),
+                )
+            elif step.create is not None:
+                yield from self._run_step(rt, step.create, attempts)
+            else:
+                yield (
+                    step.key,
+                    _Outcome(
+                        "waiting",
+                        error="patient not found on the target",
+                        next_at=self.clock() + WAIT_RECHECK,
+                        count_attempt=False,
+                    ),
+                )
+        else:  # pragma: no cover - every planner step kind is handled above
+            raise AssertionError(type(step).__name__)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _sent_response(self, method: str, url: str, response: EhrResponse) -> _Outcome:
+        return self._sent(method, url, response.location, response.etag)
+
+    @staticmethod
+    def _sent(method: str, url: str, location: Any, etag: str | None) -> _Outcome:
+        server_id = location.id if location is not None else None
+        if server_id is None and method == "PUT":
+            server_id = url.rstrip("/").rsplit("/", 1)[-1]
+        version = (
+            location.version_id
+            if location is not None and location.version_id
+            else _etag_version(etag)
+        )
+        action = "put" if method == "PUT" else "create"
+        return _Outcome("sent", server_id=server_id, server_version=version, action=action)
+
+    def _failure(self, err: EhrError, attempts: int, unverifiable: bool) -> _Outcome:
+        now = self.clock()
+        decision = decide(err, attempts, now, self.rng, policy=self.policy)
+        summary = f"{err.code}: {err.status or '-'} {err.summary}".strip()
+        if isinstance(decision, RetryAt):
+            return _Outcome("retrying", error=summary, next_at=decision.at)
+        if isinstance(decision, ResolveUnknown):
+            if unverifiable or not decision.may_resend:
+                # A second POST of a record the target cannot be searched for could duplicate it.
+                return _Outcome(
+                    "dead",
+                    error=f"{summary}; outcome unknown and cannot be "
+                    "verified without risking a duplicate",
+                )
+            # PUT and conditional writes are idempotent; a search-then-create searches first.
+            return _Outcome("retrying", error=summary, next_at=decision.at)
+        assert isinstance(decision, DeadLetter)
+        return _Outcome("dead", error=summary)
+
+
+def _etag_version(etag: str | None) -> str | None:
+    if not etag:
+        return None
+    return etag.removeprefix("W/").strip('"') or None
+
+
+def _unverifiable(step: planner.Step) -> bool:
+    return bool(getattr(step, "unverifiable_retry", False))
+
+
+def _references(due: Sequence[planner.Due]) -> set[str]:
+    refs: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            ref = value.get("reference")
+            if isinstance(ref, str) and "/" in ref and not ref.startswith(("urn:", "#")):
+                refs.add(ref)
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    for d in due:
+        refs.add(d.key)
+        walk(d.resource)
+    return refs
+
+
+__all__ = ["OutcomeUnknownError", "TargetRuntime", "Worker", "default_owner"]
