@@ -366,7 +366,7 @@ class ResourceStore:
         summary: Mapping[str, Any],
         now: datetime,
         only_if_changed: Collection[str] = ("Provenance",),
-        on_saved: Callable[[Connection, SaveResult], None] | None = None,
+        on_saved: Callable[[Connection, SaveResult], object] | None = None,
     ) -> SaveResult:
         """Store a submission and its resources in one transaction.
 
