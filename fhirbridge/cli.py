@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,9 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=int, help="gunicorn workers.")
-def serve(host: str, port: int, workers: int) -> None:
+@click.option("--worker/--no-worker", "with_worker", default=True, show_default=True,
+              help="Also run a sync worker process when FHIRBRIDGE_TARGETS is set.")
+def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
     """Serve the HTTP API with gunicorn (database: FHIRBRIDGE_DATABASE_URL, default SQLite)."""
     from gunicorn.app.base import BaseApplication
 
@@ -62,7 +67,53 @@ def serve(host: str, port: int, workers: int) -> None:
             return app
 
     click.echo(f"fhirbridge serving on http://{host}:{port} (FHIR API at /fhir)", err=True)
-    _Server().run()
+    settings = Settings()
+    sync = None
+    if settings.targets and with_worker:
+        # The embedded default runs one sync worker beside the server: its own process, so it
+        # neither shares connections across gunicorn's fork nor stops when a web worker does.
+        sync = subprocess.Popen([sys.executable, "-m", "fhirbridge.cli", "worker"])
+        click.echo(f"sync worker started (pid {sync.pid})", err=True)
+    try:
+        _Server().run()
+    finally:
+        if sync is not None:
+            sync.terminate()
+            sync.wait(timeout=30)
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="One pass over every target, then exit.")
+def worker(once: bool) -> None:
+    """Deliver queued resources to the targets in FHIRBRIDGE_TARGETS until stopped (SIGTERM)."""
+    from fhirbridge.store.resources import ResourceStore
+    from fhirbridge.sync.outbox import Outbox
+    from fhirbridge.sync.runtime import build_runtimes, routes
+    from fhirbridge.sync.targets import TargetConfigError, load_targets
+    from fhirbridge.sync.worker import Worker
+
+    settings = Settings()
+    if not settings.targets:
+        click.echo("no targets: set FHIRBRIDGE_TARGETS to a targets YAML file", err=True)
+        raise SystemExit(2)
+    try:
+        targets = load_targets(settings.targets)
+    except TargetConfigError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(2) from None
+    store = ResourceStore.from_url(settings.database_url)
+    store.create_schema()
+    runner = Worker(store, Outbox(store, routes(targets)), build_runtimes(targets))
+    if once:
+        handled = runner.run_once()
+        click.echo(f"{handled} deliveries handled", err=True)
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    click.echo(f"sync worker {runner.owner}: {len(targets)} target(s)", err=True)
+    runner.run(stop, idle_seconds=settings.worker_idle_seconds)
+    store.close()
 
 
 @main.command("map")
