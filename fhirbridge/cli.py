@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,8 @@ def worker(once: bool) -> None:
         raise SystemExit(2) from None
     store = ResourceStore.from_url(settings.database_url)
     store.create_schema()
-    runner = Worker(store, Outbox(store, routes(targets)), build_runtimes(targets))
+    runner = Worker(store, Outbox(store, routes(targets)), build_runtimes(targets),
+                    lease=timedelta(seconds=settings.worker_lease_seconds))
     if once:
         handled = runner.run_once()
         click.echo(f"{handled} deliveries handled", err=True)

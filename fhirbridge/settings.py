@@ -41,3 +41,8 @@ class Settings(BaseSettings):
         "none: resources are stored and served, not delivered.",
     )
     worker_idle_seconds: float = Field(default=1.0, gt=0, le=60)
+    worker_lease_seconds: float = Field(
+        default=120.0, ge=1, le=3600,
+        description="How long a worker holds claimed deliveries; after a crash they are due "
+        "again once it runs out. Longer than the slowest target's timeout.",
+    )
