@@ -6,6 +6,8 @@ open the store, register the blueprints.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask
 
 from fhirbridge.settings import Settings
@@ -42,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         store=store,
         outbox=Outbox(store, routes(targets)),
     )
+    _publish_jwks(app, settings, targets)
     problems.init_app(app)
     health.init_app(app)
     submissions.init_app(app)
@@ -52,3 +55,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         terminology.conceptmap_capability()
     )
     return app
+
+
+def _publish_jwks(app: Flask, settings: Settings, targets: list[Any]) -> None:
+    """Serve the public keys of every SMART Backend Services target at settings.jwks_path."""
+    from fhirbridge.api import jwks as jwks_api
+    from fhirbridge.ehr.auth import SmartBackendConfig, jwks, parse_auth_config
+
+    configs = [parse_auth_config(t.auth) for t in targets]
+    keys = jwks(c for c in configs if isinstance(c, SmartBackendConfig))
+    app.register_blueprint(jwks_api.make_blueprint(settings.jwks_path, lambda: keys))

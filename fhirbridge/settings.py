@@ -40,9 +40,16 @@ class Settings(BaseSettings):
         description="YAML file of hospital FHIR servers to deliver to (FHIRBRIDGE_TARGETS); "
         "none: resources are stored and served, not delivered.",
     )
+    jwks_path: str = Field(
+        default="/.well-known/jwks.json",
+        pattern=r"^/[A-Za-z0-9._~/-]*$",
+        description="Where our SMART Backend Services public keys are published (JWKS).",
+    )
     worker_idle_seconds: float = Field(default=1.0, gt=0, le=60)
     worker_lease_seconds: float = Field(
-        default=120.0, ge=1, le=3600,
+        default=120.0,
+        ge=1,
+        le=3600,
         description="How long a worker holds claimed deliveries; after a crash they are due "
         "again once it runs out. Longer than the slowest target's timeout.",
     )
