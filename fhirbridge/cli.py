@@ -43,8 +43,13 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=int, help="gunicorn workers.")
-@click.option("--worker/--no-worker", "with_worker", default=True, show_default=True,
-              help="Also run a sync worker process when FHIRBRIDGE_TARGETS is set.")
+@click.option(
+    "--worker/--no-worker",
+    "with_worker",
+    default=True,
+    show_default=True,
+    help="Also run a sync worker process when FHIRBRIDGE_TARGETS is set.",
+)
 def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
     """Serve the HTTP API with gunicorn (database: FHIRBRIDGE_DATABASE_URL, default SQLite)."""
     from gunicorn.app.base import BaseApplication
@@ -103,8 +108,12 @@ def worker(once: bool) -> None:
         raise SystemExit(2) from None
     store = ResourceStore.from_url(settings.database_url)
     store.create_schema()
-    runner = Worker(store, Outbox(store, routes(targets)), build_runtimes(targets),
-                    lease=timedelta(seconds=settings.worker_lease_seconds))
+    runner = Worker(
+        store,
+        Outbox(store, routes(targets)),
+        build_runtimes(targets),
+        lease=timedelta(seconds=settings.worker_lease_seconds),
+    )
     if once:
         handled = runner.run_once()
         click.echo(f"{handled} deliveries handled", err=True)
@@ -390,6 +399,386 @@ def mappings_export_conceptmaps(directory: Path | None, out_dir: Path | None) ->
         path = out_dir / f"ConceptMap-{name}.json"
         path.write_bytes(orjson.dumps(conceptmap, option=orjson.OPT_INDENT_2) + b"\n")
     click.echo(f"{len(maps)} ConceptMaps written to {out_dir}")
+
+
+# --------------------------------------------------------------------------------------------
+# fhirbridge sync: status, dead letters, replay, plan (targets from FHIRBRIDGE_TARGETS)
+# --------------------------------------------------------------------------------------------
+
+
+@main.group()
+def sync() -> None:
+    """Delivery to hospital FHIR servers (FHIRBRIDGE_TARGETS): status, dead letters, plan."""
+
+
+def _sync_targets() -> list[Any]:
+    """The targets of FHIRBRIDGE_TARGETS; exit 2 when unset or invalid (the file's problems)."""
+    from fhirbridge.sync.targets import TargetConfigError, load_targets
+
+    path = Settings().targets
+    if not path:
+        click.echo("no targets: set FHIRBRIDGE_TARGETS to a targets YAML file", err=True)
+        raise SystemExit(2)
+    try:
+        return load_targets(path)
+    except TargetConfigError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(2) from None
+
+
+def _sync_target(targets: list[Any], name: str) -> Any:
+    for target in targets:
+        if target.name == name:
+            return target
+    have = ", ".join(t.name for t in targets) or "none"
+    click.echo(f"no target named {name!r} in FHIRBRIDGE_TARGETS (have: {have})", err=True)
+    raise SystemExit(2)
+
+
+def _sync_outbox(targets: list[Any]) -> Any:
+    """The outbox of the configured database, or None when that database has no ledger yet.
+
+    Creates nothing: a SQLite file that does not exist, or a database without the delivery
+    table, has no ledger. An unreachable database exits 1 (its URL is never printed).
+    """
+    from sqlalchemy import inspect, make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fhirbridge.store.resources import ResourceStore
+    from fhirbridge.store.schema import delivery
+    from fhirbridge.sync.outbox import Outbox
+    from fhirbridge.sync.runtime import routes
+
+    url = Settings().database_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or not Path(database).is_file():
+            return None
+    store = ResourceStore.from_url(url)
+    try:
+        has_ledger = inspect(store.engine).has_table(delivery.name)
+    except SQLAlchemyError as exc:
+        store.close()
+        click.echo(f"cannot read the database: {type(exc).__name__}", err=True)
+        raise SystemExit(1) from None
+    if not has_ledger:
+        store.close()
+        return None
+    return Outbox(store, routes(targets))
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+@sync.command("status")
+@click.option("--json", "as_json", is_flag=True, help="The same JSON as GET /api/v1/sync/status.")
+def sync_status(as_json: bool) -> None:
+    """Per target: queued, in flight, sent, failed, dead-lettered; last success and error."""
+    from fhirbridge.api.sync import status_body
+
+    targets = _sync_targets()
+    configured = {t.name: t.summary() for t in targets}
+    outbox = _sync_outbox(targets)
+    body = status_body(outbox, configured, datetime.now(UTC))
+    if outbox is not None:
+        outbox.store.close()
+    if as_json:
+        _emit(body)
+        return
+    for t in body["targets"]:
+        where = f"{t['profile']}, {t['baseUrl']}" if t["configured"] else "no longer configured"
+        click.echo(f"{t['name']} ({where})")
+        click.echo(
+            f"  queued {t['queued']}, in flight {t['inFlight']}, sent {t['sent']}, "
+            f"failed {t['failed']}, dead-lettered {t['deadLettered']}, waiting {t['waiting']}, "
+            f"fallback {t['fallback']}, skipped {t['skipped']}"
+        )
+        click.echo(f"  oldest waiting: {_age(t['oldestWaitingSeconds'])}")
+        click.echo(f"  last success: {t['lastSuccessAt'] or 'never'}")
+        error = t["lastError"]
+        if error is None:
+            click.echo("  last error: none")
+        else:
+            click.echo(
+                f"  last error: {error['at']} {error['resourceType']}/{error['id']} "
+                f"({error['status']}): {error['error']}"
+            )
+
+
+@sync.command("dead-letters")
+@click.option("--target", "target_name", help="Only this target's dead letters.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of deliveries.")
+def sync_dead_letters(target_name: str | None, limit: int, as_json: bool) -> None:
+    """List dead-lettered deliveries, newest first: what failed and why (PHI-free)."""
+    targets = _sync_targets()
+    if target_name is not None:
+        _sync_target(targets, target_name)
+    outbox = _sync_outbox(targets)
+    rows = []
+    if outbox is not None:
+        rows = outbox.deliveries(target=target_name, status="dead", limit=limit)
+        outbox.store.close()
+    if as_json:
+        _emit([d.to_dict() for d in rows])
+        return
+    for d in rows:
+        click.echo(
+            f"{d.target} {d.resource_type}/{d.resource_id} v{d.want_version} "
+            f"attempts {d.attempts} at {d.updated_at.isoformat()}: {d.last_error or '-'}"
+        )
+    click.echo(f"{len(rows)} dead letter(s)", err=True)
+
+
+@sync.command("replay")
+@click.option("--target", "target_name", required=True, help="The target to send them to.")
+@click.argument("keys", nargs=-1, metavar="[TYPE/ID]...")
+def sync_replay(target_name: str, keys: tuple[str, ...]) -> None:
+    """Queue dead letters of a target again: those named (TYPE/ID), or all of them.
+
+    Exit status 1 when a named resource is not a dead letter of the target.
+    """
+    parsed: list[tuple[str, str]] = []
+    for key in keys:
+        rtype, _, rid = key.partition("/")
+        if not rtype or not rid:
+            raise click.UsageError(f"{key!r} is not TYPE/ID (e.g. Observation/<id>)")
+        parsed.append((rtype, rid))
+    targets = _sync_targets()
+    _sync_target(targets, target_name)
+    outbox = _sync_outbox(targets)
+    missing, count = list(parsed), 0
+    if outbox is not None:
+        now = datetime.now(UTC)
+        if parsed:
+            rows = outbox.ledger(target_name, parsed)
+            missing = [k for k in parsed if k not in rows or rows[k].status != "dead"]
+            found = [k for k in parsed if k not in missing]
+            count = outbox.replay(target_name, found, now=now) if found else 0
+        else:
+            count = outbox.replay(target_name, None, now=now)
+        outbox.store.close()
+    for rtype, rid in missing:
+        click.echo(f"{rtype}/{rid}: not a dead letter of {target_name}", err=True)
+    click.echo(f"{count} dead letter(s) of {target_name} queued again")
+    if missing:
+        raise SystemExit(1)
+
+
+@sync.command("plan")
+@click.argument("submission", type=click.File("rb"))
+@click.option("--target", "target_name", required=True, help="The target to plan for.")
+@click.option(
+    "--profile",
+    type=click.Choice(["generic-r4", "epic", "oracle-health"]),
+    help="Plan against this shipped profile instead of the target's (no /metadata for auto).",
+)
+@click.option("--fresh", is_flag=True, help="Ignore the ledger: as if nothing had been sent.")
+@click.option(
+    "--assume-patient",
+    metavar="ID",
+    help="Plan as if our Patient were matched to Patient/ID on the target.",
+)
+@click.option(
+    "--assume-encounter",
+    metavar="ID",
+    help="Plan as if our Encounters were the target's Encounter/ID (targets needing one).",
+)
+@click.option("--json", "as_json", is_flag=True, help="The plan as JSON, with request bodies.")
+def sync_plan(
+    submission: Any,
+    target_name: str,
+    profile: str | None,
+    fresh: bool,
+    assume_patient: str | None,
+    assume_encounter: str | None,
+    as_json: bool,
+) -> None:
+    """Print what the worker would send to a target for SUBMISSION (- for stdin); sends nothing.
+
+    The submission is mapped with the configured pack and planned against what the ledger in
+    the configured database says the target already holds (nothing, when it has no rows).
+    Profile `auto` reads the target's CapabilityStatement (one GET /metadata) unless --profile
+    is given. No search is made on the target: where the worker would first match the patient
+    or look up an existing encounter (Epic), the plan shows that step and what waits for it;
+    --assume-patient / --assume-encounter show the plan that follows.
+    """
+    from fhirbridge.fhir.validate import OutputValidator
+    from fhirbridge.pipeline import transform
+    from fhirbridge.sync import planner
+    from fhirbridge.validation import SubmissionValidator
+
+    targets = _sync_targets()
+    target = _sync_target(targets, target_name)
+    pack = _load_pack(None)
+    name = getattr(submission, "name", "-")
+    try:
+        document = orjson.loads(submission.read())
+    except orjson.JSONDecodeError as exc:
+        click.echo(f"{name}: malformed JSON at line {exc.lineno}, column {exc.colno}", err=True)
+        raise SystemExit(1) from None
+    try:
+        result = transform(
+            document,
+            pack=pack,
+            input_validator=SubmissionValidator(pack.source_schema, pack.integrity),
+            output_validator=OutputValidator(),
+            now=datetime.now(UTC),
+        )
+    except FhirbridgeError as exc:
+        for issue in exc.issues:
+            click.echo(f"{', '.join(issue.expression) or '-'}: {issue.diagnostics}", err=True)
+        raise SystemExit(1) from None
+    caps = _sync_capabilities(target, profile)
+    resources: list[dict[str, Any]] = result.resources
+    keys = [(r["resourceType"], r["id"]) for r in resources]
+    outbox = None if fresh else _sync_outbox(targets)
+    rows: dict[tuple[str, str], Any] = {}
+    versions: dict[tuple[str, str], str] = {}
+    server_refs: dict[str, str] = {}
+    if outbox is not None:
+        rows = outbox.ledger(target.name, keys)
+        if rows:
+            versions = _sync_versions(outbox.store, resources)
+            server_refs = outbox.server_refs(target.name, _sync_references(resources))
+        outbox.store.close()
+    if rows:
+        click.echo(
+            f"note: using the ledger: {len(rows)} of {len(keys)} resources have a delivery "
+            f"row for {target.name}",
+            err=True,
+        )
+    else:
+        click.echo(f"note: planned as if nothing had been delivered to {target.name} yet", err=True)
+    if caps.requires_existing_encounter and assume_encounter is None:
+        click.echo(
+            "note: the worker looks up the target's encounters before writing; sync plan does "
+            "not (--assume-encounter ID), so records that need one show as waiting",
+            err=True,
+        )
+    due = []
+    for resource in resources:
+        key = (resource["resourceType"], resource["id"])
+        row = rows.get(key)
+        ledger = None
+        if row is not None:
+            ledger = planner.Ledger(
+                server_id=row.server_id,
+                server_version=row.server_version,
+                sent_version=None if row.sent_version is None else str(row.sent_version),
+                state=row.status,
+            )
+        due.append(planner.Due(resource, versions.get(key, "1"), ledger))
+    patient = next((f"Patient/{i}" for t, i in keys if t == "Patient"), None)
+    patient_ref = server_refs.get(patient) if patient else None
+    if assume_patient is not None:
+        patient_ref = f"Patient/{assume_patient}"
+    encounters: dict[str, str] = {}
+    if assume_encounter is not None:
+        encounters = {
+            f"Encounter/{i}": f"Encounter/{assume_encounter}" for t, i in keys if t == "Encounter"
+        }
+    plan = planner.plan(
+        target,
+        caps,
+        due,
+        server_refs=server_refs,
+        patient_ref=patient_ref,
+        encounter_refs=encounters,
+    )
+    if any(isinstance(step, planner.MatchPatient) for step in plan.steps):
+        click.echo(
+            "note: the worker matches the patient first and then plans the rest; "
+            "--assume-patient ID shows that plan",
+            err=True,
+        )
+    if as_json:
+        _emit(plan.to_dict())
+    else:
+        click.echo(planner.render(plan))
+
+
+def _sync_capabilities(target: Any, profile: str | None) -> Any:
+    """The shipped profile (``--profile`` or the target's), or the target's /metadata (auto)."""
+    from fhirbridge.sync.capabilities import load_profile
+
+    if profile is not None or target.profile != "auto":
+        return load_profile(profile or target.profile)
+    from fhirbridge.sync.runtime import build_runtime
+
+    click.echo(
+        f"note: {target.name} has profile auto: reading its CapabilityStatement "
+        f"(GET {target.base_url}/metadata, read-only; nothing is sent). "
+        "--profile plans against a shipped profile instead.",
+        err=True,
+    )
+    try:
+        runtime = build_runtime(target)
+    except (FhirbridgeError, ValueError) as exc:  # EhrError, AuthError, CapabilityError
+        click.echo(f"cannot read the CapabilityStatement of {target.name}: {exc}", err=True)
+        raise SystemExit(1) from None
+    runtime.client.close()
+    return runtime.caps
+
+
+def _sync_versions(store: Any, resources: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """Our version of each mapped resource if the submission were stored now (as the store
+    decides: meta stamps ignored; the import's Provenance kept when nothing else changed)."""
+    from fhirbridge.errors import GoneError, NotFoundError
+
+    def bare(resource: dict[str, Any]) -> dict[str, Any]:
+        body = dict(resource)
+        meta = body.pop("meta", None)
+        if isinstance(meta, dict):
+            rest = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
+            if rest:
+                body["meta"] = rest
+        return body
+
+    stored: dict[tuple[str, str], tuple[str, bool]] = {}  # key → (version, unchanged)
+    for resource in resources:
+        key = (resource["resourceType"], resource["id"])
+        try:
+            current = store.read_stored(*key)
+        except (NotFoundError, GoneError):
+            continue
+        stored[key] = (current.version_id, bare(current.resource()) == bare(resource))
+    changed = any(
+        key not in stored or not stored[key][1]
+        for key in ((r["resourceType"], r["id"]) for r in resources)
+        if key[0] != "Provenance"
+    )
+    return {
+        key: version if same or (key[0] == "Provenance" and not changed) else str(int(version) + 1)
+        for key, (version, same) in stored.items()
+    }
+
+
+def _sync_references(resources: list[dict[str, Any]]) -> set[str]:
+    """Every ``Type/id`` among the resources and the relative references in them."""
+    refs = {f"{r['resourceType']}/{r['id']}" for r in resources}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            ref = value.get("reference")
+            if isinstance(ref, str) and "/" in ref and not ref.startswith(("urn:", "#")):
+                refs.add(ref)
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(resources)
+    return refs
 
 
 if __name__ == "__main__":  # pragma: no cover

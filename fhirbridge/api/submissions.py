@@ -9,6 +9,7 @@ import orjson
 from flask import Blueprint, Flask, Response, request
 
 from fhirbridge.api.http import fhir_response, json_response, services
+from fhirbridge.api.sync import delivery_view
 from fhirbridge.errors import (
     BadRequestError,
     Issue,
@@ -118,8 +119,22 @@ def get_submission(submission_id: str) -> Response:
             "source": found["source"],
             "receivedAt": received.isoformat() if isinstance(received, datetime) else received,
             "summary": found["summary"],
+            # Per target, where each resource the submission produced stands (its latest version).
+            "delivery": delivery_view(_produced(found["summary"])),
         }
     )
+
+
+def _produced(stored_summary: Any) -> list[tuple[str, str]]:
+    """(type, id) of every resource in the stored summary's records[].produced, in order."""
+    keys: dict[tuple[str, str], None] = {}  # ordered, without repeats
+    records = stored_summary.get("records") if isinstance(stored_summary, dict) else None
+    for record in records if isinstance(records, list) else []:
+        produced = record.get("produced") if isinstance(record, dict) else None
+        for ref in produced if isinstance(produced, list) else []:
+            if isinstance(ref, dict) and ref.get("resourceType") and ref.get("id"):
+                keys[(str(ref["resourceType"]), str(ref["id"]))] = None
+    return list(keys)
 
 
 @bp.post("/$transform")

@@ -405,6 +405,48 @@ class Outbox:
                     entry["oldestWaitingSeconds"] = max(entry["oldestWaitingSeconds"] or 0, age)
         return out
 
+    def activity(self) -> dict[str, dict[str, Any]]:
+        """Per target: when a delivery last succeeded, and the latest failure still on a row.
+
+        ``lastSuccessAt``: the newest ``updated_at`` of a row sent or delivered as a fallback.
+        ``lastError``: the newest row that is retrying or dead-lettered, as ``at`` (its
+        ``updated_at``), ``resourceType``, ``id``, ``status`` and ``error`` (``last_error``:
+        error codes and an OperationOutcome summary, never patient data). Skipped and waiting
+        rows carry a reason, not a failure, and are not counted here.
+        """
+        out: dict[str, dict[str, Any]] = {
+            r.target: {"lastSuccessAt": None, "lastError": None} for r in self.routes
+        }
+        failing = and_(_d.status.in_(("retrying", "dead")), _d.last_error.is_not(None))
+        with self.store.engine.connect() as conn:
+            for target, last in conn.execute(
+                select(_d.target, func.max(_d.updated_at))
+                .where(_d.status.in_(("sent", "fallback")))
+                .group_by(_d.target)
+            ):
+                entry = out.setdefault(target, {"lastSuccessAt": None, "lastError": None})
+                entry["lastSuccessAt"] = micros_to_datetime(last)
+            for target, newest in conn.execute(
+                select(_d.target, func.max(_d.updated_at)).where(failing).group_by(_d.target)
+            ):
+                row = conn.execute(
+                    select(_d.resource_type, _d.resource_id, _d.status, _d.last_error)
+                    .where(_d.target == target, _d.updated_at == newest, failing)
+                    .order_by(_d.resource_type, _d.resource_id)
+                    .limit(1)
+                ).first()
+                if row is None:  # changed between the two reads
+                    continue
+                entry = out.setdefault(target, {"lastSuccessAt": None, "lastError": None})
+                entry["lastError"] = {
+                    "at": micros_to_datetime(newest),
+                    "resourceType": row.resource_type,
+                    "id": row.resource_id,
+                    "status": row.status,
+                    "error": row.last_error,
+                }
+        return out
+
     def replay(self, target: str, keys: Iterable[tuple[str, str]] | None, *, now: datetime) -> int:
         """Send dead letters again (all of the target's when keys is None)."""
         now_us = micros(now)
