@@ -28,6 +28,7 @@ Status = Literal[
     "queued", "in_flight", "sent", "retrying", "waiting", "dead", "fallback", "skipped"
 ]
 DUE_STATUSES = ("queued", "retrying", "waiting")
+POSTING = "posting"  # ledger action while an unverifiable POST is on the wire
 FINAL_STATUSES = ("sent", "dead", "fallback", "skipped")
 _d = delivery.c
 
@@ -62,6 +63,8 @@ class Delivery:
     last_error: str | None
     queued_at: datetime
     updated_at: datetime
+    # Taken over from a worker whose lease ran out: what it sent may have landed unrecorded.
+    reclaimed: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -251,7 +254,37 @@ class Outbox:
                     updated_at=now_us,
                 )
             )
-        return [replace(_row(r), status="in_flight") for r in rows]
+        return [
+            replace(
+                _row(r),
+                status="in_flight",
+                # Only a row whose worker had started an unverifiable POST is in doubt.
+                reclaimed=r.status == "in_flight" and r.action == POSTING,
+            )
+            for r in rows
+        ]
+
+    def mark_posting(
+        self, target: str, keys: Iterable[tuple[str, str]], *, owner: str, now: datetime
+    ) -> None:
+        """Record, before sending, that an unverifiable POST of these rows is about to start.
+
+        If the worker dies before recording the answer, whoever takes the rows over knows the
+        record may already be on the target (and dead-letters instead of POSTing it again).
+        """
+        keys = list(keys)
+        if not keys:
+            return
+        with self.store.write() as conn:
+            conn.execute(
+                update(delivery)
+                .where(
+                    _d.target == target,
+                    _d.lease_owner == owner,
+                    tuple_(_d.resource_type, _d.resource_id).in_(keys),
+                )
+                .values(action=POSTING, updated_at=micros(now))
+            )
 
     # ------------------------------------------------------------------ record results
 

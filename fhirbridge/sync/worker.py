@@ -9,12 +9,13 @@ Decisions on failure come from sync/retry.py as values; nothing here sleeps on a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from fhirbridge.ehr.client import EhrClient, EhrResponse, entry_results
 from fhirbridge.ehr.errors import EhrError, OutcomeUnknownError
 from fhirbridge.errors import GoneError, NotFoundError
+from fhirbridge.store.fhirdates import parse_range
 from fhirbridge.store.resources import ResourceStore
 from fhirbridge.sync import planner
 from fhirbridge.sync.capabilities import Capabilities
@@ -39,6 +41,8 @@ from fhirbridge.sync.targets import Target
 log = logging.getLogger(__name__)
 
 WAIT_RECHECK = timedelta(minutes=5)  # a delivery waiting for the target (no encounter, no patient)
+# a delivery waiting for one of our own resources that another pass is delivering right now
+DEPENDENCY_RECHECK = timedelta(seconds=2)
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Worker:
     def _deliver(self, rt: TargetRuntime, rows: list[Delivery]) -> None:
         pending: dict[str, Delivery] = {f"{r.resource_type}/{r.resource_id}": r for r in rows}
         versions: dict[str, int] = {}
+        encounters: dict[str, str | None] = {}  # our Encounter → the target's (lookup cache)
         for _round in range(20):  # each round settles at least one step, or stops
             due = self._due(rt, pending, versions)
             if not due:
@@ -128,24 +133,42 @@ class Worker:
             refs = self.outbox.server_refs(rt.target.name, _references(due))
             patient_key = rows[0].patient_ref
             patient_ref = refs.get(patient_key)
+            try:
+                encounter_refs = self._encounter_refs(rt, due, patient_ref, encounters)
+            except EhrError as err:  # the lookup failed: a retry later, as for a failed write
+                for key, held in list(pending.items()):
+                    pending.pop(key)
+                    outcome = self._failure(err, held.attempts + 1, False)
+                    self._record(rt, held, versions.get(key, held.want_version), outcome)
+                return
             plan = planner.plan(
                 rt.target,
                 rt.caps,
                 due,
                 server_refs=refs,
                 patient_ref=patient_ref,
-                encounter_refs={},
+                encounter_refs=encounter_refs,
             )
             progressed = False
+            due_by_key = {d.key: d for d in due}
             for step in plan.steps:
                 if getattr(step, "awaiting", ()):
                     break  # its references are created by steps above: plan again with their ids
-                for key, outcome in self._execute(rt, step, pending):
+                outcomes: Iterable[tuple[str, _Outcome]] = (
+                    [(step.key, self._waiting(rt, step, due_by_key.get(step.key), refs))]
+                    if isinstance(step, planner.Wait)
+                    else self._execute(rt, step, pending)
+                )
+                for key, outcome in outcomes:
                     row = pending.pop(key, None)
                     if row is None:
                         continue
                     self._record(rt, row, versions.get(key, row.want_version), outcome)
                 progressed = True
+                if isinstance(step, planner.MatchPatient):
+                    # The rest of this plan is the patient gate's Waits: plan again, now that
+                    # the match is recorded (server_refs gives the patient's server id).
+                    break
             if not progressed:
                 break
         for key, row in pending.items():
@@ -189,6 +212,91 @@ class Worker:
             due.append(planner.Due(resource, stored.version_id, ledger))
         return due
 
+    def _encounter_refs(
+        self,
+        rt: TargetRuntime,
+        due: Sequence[planner.Due],
+        patient_ref: str | None,
+        cache: dict[str, str | None],
+    ) -> dict[str, str]:
+        """Our ``Encounter/id`` → the target's, where clinical writes need an existing encounter.
+
+        Such a target (Epic) cannot take our Encounters: a record is filed against the hospital's
+        encounter of the matched patient whose period contains our encounter's start, found by
+        ``Encounter?patient=<server id>&date=le<our start>&date=ge<our start>``. None or several
+        such: no entry, and the planner makes what needs it wait ("no matching encounter on
+        target").
+        """
+        if not rt.caps.requires_existing_encounter or patient_ref is None:
+            return {}
+        out: dict[str, str] = {}
+        for ref in sorted(r for r in _references(due) if r.startswith("Encounter/")):
+            if ref not in cache:
+                cache[ref] = self._find_encounter(rt, ref, patient_ref)
+            found = cache[ref]
+            if found is not None:
+                out[ref] = found
+        return out
+
+    def _find_encounter(self, rt: TargetRuntime, ref: str, patient_ref: str) -> str | None:
+        try:
+            ours = self.store.read_stored("Encounter", ref.split("/", 1)[1]).resource()
+        except (NotFoundError, GoneError):
+            return None
+        start = (ours.get("period") or {}).get("start")
+        if not isinstance(start, str):
+            return None
+        try:
+            at = parse_range(start)[0]
+        except ValueError:
+            return None
+        # le + ge on the instant: the period overlaps both sides of it, i.e. contains it (an
+        # open encounter, with no end, too; a bare `date=<day>` would need it inside that day)
+        found = rt.client.search(
+            "Encounter",
+            {"patient": patient_ref.split("/", 1)[1], "date": [f"le{start}", f"ge{start}"]},
+        )
+        matches = {e["id"] for e in found if isinstance(e.get("id"), str) and _covers(e, at)}
+        return f"Encounter/{matches.pop()}" if len(matches) == 1 else None
+
+    def _waiting(
+        self,
+        rt: TargetRuntime,
+        step: planner.Wait,
+        due: planner.Due | None,
+        known: Mapping[str, str],
+    ) -> _Outcome:
+        """A Wait, looked at again when what it waits for may have changed.
+
+        Waiting for one of our own resources that another pass is delivering right now (queued
+        or in flight, or delivered since the plan was made (not in ``known``, the server_refs
+        the plan saw): e.g. a Practitioner shared by two patients that two workers deliver at
+        once) is looked at again after DEPENDENCY_RECHECK; waiting for one that itself waits or
+        retries, when that one is due; anything else (no matching patient or encounter on the
+        target) after WAIT_RECHECK.
+        """
+        now = self.clock()
+        at = now + WAIT_RECHECK
+        if due is not None:
+            soon = now + DEPENDENCY_RECHECK
+            keys = [
+                (ref.split("/", 1)[0], ref.split("/", 1)[1])
+                for ref in _references([due])
+                if ref != due.key
+            ]
+            for (rtype, rid), dep in self.outbox.ledger(rt.target.name, keys).items():
+                delivered_since = (
+                    dep.status in ("sent", "fallback")
+                    and dep.server_id is not None
+                    and f"{rtype}/{rid}" not in known
+                )
+                if dep.status in ("queued", "in_flight") or delivered_since:
+                    at = soon
+                    break
+                if dep.status in ("retrying", "waiting"):
+                    at = min(at, max(soon, dep.next_attempt_at))
+        return _Outcome("waiting", error=step.reason, next_at=at, count_attempt=False)
+
     def _record(self, rt: TargetRuntime, row: Delivery, version: int, o: _Outcome) -> None:
         self.outbox.record(
             rt.target.name,
@@ -212,6 +320,28 @@ class Worker:
     ) -> Iterator[tuple[str, _Outcome]]:
         keys = step.settles()
         attempts = {k: (pending[k].attempts if k in pending else 0) + 1 for k in keys}
+        # A plain POST that cannot be searched for, on a row a crashed worker held, may already
+        # be on the target: sending it again could put a second copy in a chart. Ops decide.
+        doubtful = {k for k in _unverifiable_keys(step) if k in pending and pending[k].reclaimed}
+        for key in sorted(doubtful):
+            yield (
+                key,
+                _Outcome(
+                    "dead",
+                    error="outcome unknown: a previous worker stopped "
+                    "while sending this record and the target cannot be searched "
+                    "for it; check the target, then replay or discard",
+                ),
+            )
+        if doubtful:
+            remaining = _without(step, doubtful)
+            if remaining is None:
+                return
+            step, keys = remaining, remaining.settles()
+        posting = [tuple(k.split("/", 1)) for k in _unverifiable_keys(step)]
+        self.outbox.mark_posting(
+            rt.target.name, [(t, i) for t, i in posting], owner=self.owner, now=self.clock()
+        )
         try:
             yield from self._run_step(rt, step, attempts)
         except EhrError as err:
@@ -380,10 +510,39 @@ class Worker:
         return _Outcome("dead", error=summary)
 
 
+def _covers(encounter: dict[str, Any], at: int) -> bool:
+    """Whether the encounter's period contains the instant ``at`` (µs; an open end does)."""
+    period = encounter.get("period") or {}
+    try:
+        if not isinstance(period.get("start"), str) or parse_range(period["start"])[0] > at:
+            return False
+        end = period.get("end")
+        return not isinstance(end, str) or parse_range(end)[1] >= at
+    except ValueError:
+        return False
+
+
 def _etag_version(etag: str | None) -> str | None:
     if not etag:
         return None
     return etag.removeprefix("W/").strip('"') or None
+
+
+def _unverifiable_keys(step: planner.Step) -> set[str]:
+    """The due resources this step would write by an unverifiable plain POST."""
+    if isinstance(step, planner.Transaction | planner.Batch):
+        return {e.key for e in step.entries if e.unverifiable_retry}
+    if isinstance(step, planner.Fallback) and step.write is not None:
+        return {step.key} if _unverifiable(step.write) else set()
+    return set(step.settles()) if _unverifiable(step) else set()
+
+
+def _without(step: planner.Step, keys: set[str]) -> planner.Step | None:
+    """The step minus the writes of `keys` (None when nothing is left)."""
+    if isinstance(step, planner.Transaction | planner.Batch):
+        entries = tuple(e for e in step.entries if e.key not in keys)
+        return dataclasses.replace(step, entries=entries) if entries else None
+    return None if set(step.settles()) <= keys else step
 
 
 def _unverifiable(step: planner.Step) -> bool:
