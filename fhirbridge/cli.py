@@ -167,8 +167,8 @@ def map_command(
     _map_one(file, name, pack, output or "bundle", trace)
 
 
-def _map_one(file: Any, name: str, pack: Any, output: str, trace: bool) -> None:
-    from fhirbridge.fhir.bundle import transaction_bundle
+def _read_and_transform(file: Any, name: str, pack: Any, *, trace: bool = False) -> Any:
+    """One submission file → its MapResult; problems on stderr (paths only) and exit 1."""
     from fhirbridge.fhir.validate import OutputValidator
     from fhirbridge.pipeline import transform
     from fhirbridge.validation import SubmissionValidator
@@ -179,7 +179,7 @@ def _map_one(file: Any, name: str, pack: Any, output: str, trace: bool) -> None:
         click.echo(f"{name}: malformed JSON at line {exc.lineno}, column {exc.colno}", err=True)
         raise SystemExit(1) from None
     try:
-        result = transform(
+        return transform(
             document,
             pack=pack,
             input_validator=SubmissionValidator(pack.source_schema, pack.integrity),
@@ -189,9 +189,14 @@ def _map_one(file: Any, name: str, pack: Any, output: str, trace: bool) -> None:
         )
     except FhirbridgeError as exc:
         for issue in exc.issues:
-            where = ", ".join(issue.expression) or "-"
-            click.echo(f"{where}: {issue.diagnostics}", err=True)
+            click.echo(f"{', '.join(issue.expression) or '-'}: {issue.diagnostics}", err=True)
         raise SystemExit(1) from None
+
+
+def _map_one(file: Any, name: str, pack: Any, output: str, trace: bool) -> None:
+    from fhirbridge.fhir.bundle import transaction_bundle
+
+    result = _read_and_transform(file, name, pack, trace=trace)
     if output == "ndjson":
         for resource in result.resources:
             sys.stdout.buffer.write(orjson.dumps(resource) + b"\n")
@@ -611,32 +616,14 @@ def sync_plan(
     or look up an existing encounter (Epic), the plan shows that step and what waits for it;
     --assume-patient / --assume-encounter show the plan that follows.
     """
-    from fhirbridge.fhir.validate import OutputValidator
-    from fhirbridge.pipeline import transform
     from fhirbridge.sync import planner
-    from fhirbridge.validation import SubmissionValidator
+    from fhirbridge.sync.worker import references_of
 
     targets = _sync_targets()
     target = _sync_target(targets, target_name)
     pack = _load_pack(None)
     name = getattr(submission, "name", "-")
-    try:
-        document = orjson.loads(submission.read())
-    except orjson.JSONDecodeError as exc:
-        click.echo(f"{name}: malformed JSON at line {exc.lineno}, column {exc.colno}", err=True)
-        raise SystemExit(1) from None
-    try:
-        result = transform(
-            document,
-            pack=pack,
-            input_validator=SubmissionValidator(pack.source_schema, pack.integrity),
-            output_validator=OutputValidator(),
-            now=datetime.now(UTC),
-        )
-    except FhirbridgeError as exc:
-        for issue in exc.issues:
-            click.echo(f"{', '.join(issue.expression) or '-'}: {issue.diagnostics}", err=True)
-        raise SystemExit(1) from None
+    result = _read_and_transform(submission, name, pack)
     caps = _sync_capabilities(target, profile)
     resources: list[dict[str, Any]] = result.resources
     keys = [(r["resourceType"], r["id"]) for r in resources]
@@ -648,7 +635,7 @@ def sync_plan(
         rows = outbox.ledger(target.name, keys)
         if rows:
             versions = _sync_versions(outbox.store, resources)
-            server_refs = outbox.server_refs(target.name, _sync_references(resources))
+            server_refs = outbox.server_refs(target.name, references_of(resources))
         outbox.store.close()
     if rows:
         click.echo(
@@ -760,25 +747,6 @@ def _sync_versions(store: Any, resources: list[dict[str, Any]]) -> dict[tuple[st
         key: version if same or (key[0] == "Provenance" and not changed) else str(int(version) + 1)
         for key, (version, same) in stored.items()
     }
-
-
-def _sync_references(resources: list[dict[str, Any]]) -> set[str]:
-    """Every ``Type/id`` among the resources and the relative references in them."""
-    refs = {f"{r['resourceType']}/{r['id']}" for r in resources}
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            ref = value.get("reference")
-            if isinstance(ref, str) and "/" in ref and not ref.startswith(("urn:", "#")):
-                refs.add(ref)
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
-    walk(resources)
-    return refs
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -549,7 +549,8 @@ def _unverifiable(step: planner.Step) -> bool:
     return bool(getattr(step, "unverifiable_retry", False))
 
 
-def _references(due: Sequence[planner.Due]) -> set[str]:
+def references_of(resources: Iterable[dict[str, Any]]) -> set[str]:
+    """Every ``Type/id`` of the resources and every relative reference inside them."""
     refs: set[str] = set()
 
     def walk(value: Any) -> None:
@@ -563,10 +564,14 @@ def _references(due: Sequence[planner.Due]) -> set[str]:
             for v in value:
                 walk(v)
 
-    for d in due:
-        refs.add(d.key)
-        walk(d.resource)
+    for resource in resources:
+        refs.add(f"{resource['resourceType']}/{resource['id']}")
+        walk(resource)
     return refs
+
+
+def _references(due: Sequence[planner.Due]) -> set[str]:
+    return references_of(d.resource for d in due)
 
 
 __all__ = ["OutcomeUnknownError", "TargetRuntime", "Worker", "default_owner"]
