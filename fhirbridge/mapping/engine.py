@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from fhirbridge.errors import Issue, OutputInvalidError
-from fhirbridge.mapping.expr import Ctx, Origin, Unmapped, walk_with_paths
+from fhirbridge.mapping.expr import Ctx, Origin, Unmapped, truthy, walk_with_paths
 from fhirbridge.mapping.pack import CompiledRule, MappingPack
 from fhirbridge.mapping.r4 import identifier_cardinality
 
@@ -101,7 +101,7 @@ def map_submission(
                 ctx.vars[rule.alias] = item
             for name, fn in rule.lets:
                 ctx.vars[name] = fn(ctx)
-            if rule.when is not None and not _truthy(rule.when(ctx)):
+            if rule.when is not None and not truthy(rule.when(ctx)):
                 continue
             key = _key(rule, ctx)
             rid = pack.identity.resource_id(str(source), rule.kind, key)
@@ -146,10 +146,6 @@ def map_submission(
         unmapped=ctx.unmapped,
         trace=traces,
     )
-
-
-def _truthy(value: Any) -> bool:
-    return not (value is None or value is False or value == [] or value == {} or value == "")
 
 
 def _items(rule: CompiledRule, submission: dict[str, Any]) -> list[tuple[Any, str]]:
