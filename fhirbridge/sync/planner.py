@@ -85,6 +85,7 @@ __all__ = [
     "Wait",
     "note_for",
     "plan",
+    "references",
     "render",
 ]
 
@@ -695,7 +696,7 @@ def plan(
         items[key] = _Item(d, key, rtype, rid)
     patients = {k for k, i in items.items() if i.rtype == "Patient"}
     patients |= {
-        r for i in items.values() for r in _refs(i.due.resource) if r.startswith("Patient/")
+        r for i in items.values() for r in references(i.due.resource) if r.startswith("Patient/")
     }
     if len(patients) > 1:
         raise ValueError("a plan covers the resources of one patient")
@@ -726,7 +727,7 @@ def plan(
 # ------------------------------------------------------------------------------ references
 
 
-def _refs(resource: Any) -> Iterator[str]:
+def references(resource: Any) -> Iterator[str]:
     """Every relative ``Type/id`` reference in a resource (any depth)."""
     return (ref for _, ref in _ref_paths(resource))
 
@@ -751,7 +752,8 @@ def _order(items: dict[str, _Item]) -> None:
     """Dependency order: referenced resources first; ties by the usual type order, then input."""
     position = {k: n for n, k in enumerate(items)}
     deps = {
-        k: {r for r in _refs(i.due.resource) if r in items and r != k} for k, i in items.items()
+        k: {r for r in references(i.due.resource) if r in items and r != k}
+        for k, i in items.items()
     }
     indegree = {k: len(v) for k, v in deps.items()}
     users: dict[str, list[str]] = {k: [] for k in items}

@@ -552,21 +552,9 @@ def _unverifiable(step: planner.Step) -> bool:
 def references_of(resources: Iterable[dict[str, Any]]) -> set[str]:
     """Every ``Type/id`` of the resources and every relative reference inside them."""
     refs: set[str] = set()
-
-    def walk(value: Any) -> None:
-        if isinstance(value, dict):
-            ref = value.get("reference")
-            if isinstance(ref, str) and "/" in ref and not ref.startswith(("urn:", "#")):
-                refs.add(ref)
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
     for resource in resources:
         refs.add(f"{resource['resourceType']}/{resource['id']}")
-        walk(resource)
+        refs.update(planner.references(resource))
     return refs
 
 
