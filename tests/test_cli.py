@@ -15,6 +15,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from fhirbridge.cli import main
+from tests.integration.sync_support import distinct
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "mappings/fixtures/medicine-session.in.json"
@@ -110,14 +111,6 @@ def test_serve_starts_on_sqlite_and_answers(tmp_path: Path) -> None:
                 stream.close()
 
 
-def _distinct(doc: dict, n: int) -> dict:
-    """The fixture with every source id made unique to submission n (ids are unique per source)."""
-    text = json.dumps(doc)
-    for prefix in ('"p-', '"s-', '"d-', '"v-', '"ae-', '"a-'):
-        text = text.replace(prefix, f"{prefix}{n}-")
-    return json.loads(text)
-
-
 def _ndjson(tmp_path: Path, docs: list[object]) -> Path:
     path = tmp_path / "in.ndjson"
     path.write_text("\n".join(d if isinstance(d, str) else json.dumps(d) for d in docs) + "\n")
@@ -126,9 +119,9 @@ def _ndjson(tmp_path: Path, docs: list[object]) -> Path:
 
 def test_map_ndjson_streams_and_reports_bad_lines_by_number(tmp_path: Path) -> None:
     doc = json.loads(FIXTURE.read_text())
-    bad = _distinct(doc, 9)
+    bad = distinct(doc, 9)
     bad["vitals"][0]["heartRate"] = "Zelda-Quintessa"
-    path = _ndjson(tmp_path, [_distinct(doc, 1), "{broken", _distinct(doc, 2), "", bad])
+    path = _ndjson(tmp_path, [distinct(doc, 1), "{broken", distinct(doc, 2), "", bad])
     result = CliRunner().invoke(main, ["map", str(path)])
     assert result.exit_code == 1
     lines = [json.loads(x) for x in result.stdout.splitlines()]
@@ -142,7 +135,7 @@ def test_map_ndjson_streams_and_reports_bad_lines_by_number(tmp_path: Path) -> N
 
 def test_map_ndjson_to_one_bundle_deduplicates_shared_resources(tmp_path: Path) -> None:
     doc = json.loads(FIXTURE.read_text())
-    path = _ndjson(tmp_path, [_distinct(doc, 1), _distinct(doc, 2)])
+    path = _ndjson(tmp_path, [distinct(doc, 1), distinct(doc, 2)])
     result = CliRunner().invoke(main, ["map", "--output", "bundle", str(path)])
     assert result.exit_code == 0, result.stderr
     bundle = json.loads(result.stdout)
@@ -168,7 +161,7 @@ def test_batch_reports_progress_per_line() -> None:
     from fhirbridge.mapping.pack import load_pack
 
     doc = json.loads(FIXTURE.read_text())
-    raw = [json.dumps(_distinct(doc, i)).encode() + b"\n" for i in range(3)]
+    raw = [json.dumps(distinct(doc, i)).encode() + b"\n" for i in range(3)]
     seen: list[tuple[int, int]] = []
     out = io.BytesIO()
     stats = map_lines(

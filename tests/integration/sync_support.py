@@ -59,7 +59,7 @@ def _validators() -> tuple[SubmissionValidator, OutputValidator]:
 
 
 def distinct(doc: dict[str, Any], n: int, *, mrn: str | None = None) -> dict[str, Any]:
-    """The fixture with every source id made unique to submission n (as tests/test_cli.py)."""
+    """The fixture with every source id made unique to submission n (ids are unique per source)."""
     text = json.dumps(doc)
     for prefix in ('"p-', '"s-', '"d-', '"v-', '"ae-', '"a-'):
         text = text.replace(prefix, f"{prefix}{n}-")
