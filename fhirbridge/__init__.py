@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     fhir.init_app(app)
     terminology.init_app(app)
     validate.init_app(app)
-    sync_api.init_app(app)
+    sync_api.init_app(app, targets)
     app.extensions.setdefault(fhir.CAPABILITY_EXTENSIONS, []).append(
         terminology.conceptmap_capability()
     )

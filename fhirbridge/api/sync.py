@@ -7,7 +7,7 @@ PHI-free by the worker); a target appears as ``Target.summary()`` (auth: its typ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +16,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from fhirbridge.api.http import json_response, services
 from fhirbridge.errors import BadRequestError, NotFoundError
 from fhirbridge.sync.outbox import Outbox
+from fhirbridge.sync.targets import Target
 
 bp = Blueprint("sync", __name__, url_prefix="/api/v1/sync")
 
@@ -169,10 +170,7 @@ def delivery_view(produced: list[tuple[str, str]]) -> dict[str, list[dict[str, A
     return out
 
 
-def init_app(app: Flask) -> None:
-    from fhirbridge.sync.targets import load_targets
-
-    settings = app.extensions["fhirbridge"].settings
-    targets = load_targets(settings.targets) if settings.targets else []
+def init_app(app: Flask, targets: Sequence[Target]) -> None:
+    """Register the blueprint; `targets` are the ones create_app loaded (read once)."""
     app.extensions[TARGETS_EXTENSION] = {t.name: t.summary() for t in targets}
     app.register_blueprint(bp)
