@@ -30,6 +30,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
+from fhirbridge.api.access import FHIR_READ, SYNC_ADMIN, public, requires
 from fhirbridge.api.http import FHIR_JSON, services
 from fhirbridge.errors import (
     BadRequestError,
@@ -50,6 +51,9 @@ from fhirbridge.store.search_params import (
 )
 
 __all__ = ["NotAcceptableError", "bp", "capability_statement", "init_app"]
+
+# The audit trail is for ops, not for every reader of clinical data.
+AUDIT = {"AuditEvent": SYNC_ADMIN}
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
@@ -227,6 +231,7 @@ def capability_statement(
 
 
 @bp.get("/metadata")
+@public
 def metadata() -> Response:
     """GET /fhir/metadata."""
     extra = current_app.extensions.get(CAPABILITY_EXTENSIONS, ())
@@ -249,6 +254,7 @@ def _resource_response(stored: StoredVersion) -> Response:
 
 
 @bp.get("/<rtype>/<rid>")
+@requires(FHIR_READ, by_type=AUDIT)
 def read(rtype: str, rid: str) -> Response:
     """GET /fhir/{type}/{id}: the current version; 304 when If-None-Match matches."""
     _check_type(rtype)
@@ -257,6 +263,7 @@ def read(rtype: str, rid: str) -> Response:
 
 
 @bp.get("/<rtype>/<rid>/_history/<vid>")
+@requires(FHIR_READ, by_type=AUDIT)
 def vread(rtype: str, rid: str, vid: str) -> Response:
     """GET /fhir/{type}/{id}/_history/{vid}."""
     _check_type(rtype)
@@ -270,6 +277,7 @@ _HISTORY_STATUS = {"created": ("PUT", "201 Created"), "updated": ("PUT", "200 OK
 
 
 @bp.get("/<rtype>/<rid>/_history")
+@requires(FHIR_READ, by_type=AUDIT)
 def history(rtype: str, rid: str) -> Response:
     """GET /fhir/{type}/{id}/_history: a history Bundle, newest version first."""
     _check_type(rtype)
@@ -375,12 +383,14 @@ def _search(rtype: str, items: list[tuple[str, str]]) -> Response:
 
 
 @bp.get("/<rtype>")
+@requires(FHIR_READ, by_type=AUDIT)
 def search(rtype: str) -> Response:
     """GET /fhir/{type}?params: a searchset Bundle."""
     return _search(rtype, list(request.args.items(multi=True)))
 
 
 @bp.post("/<rtype>/_search")
+@requires(FHIR_READ, by_type=AUDIT)
 def search_post(rtype: str) -> Response:
     """POST /fhir/{type}/_search with an application/x-www-form-urlencoded body (the URL's
     query parameters, if any, are added)."""
@@ -424,6 +434,7 @@ def _everything_since(raw: str) -> datetime:
 
 
 @bp.get("/Patient/<rid>/$everything")
+@requires(FHIR_READ)
 def everything(rid: str) -> Response:
     """GET /fhir/Patient/{id}/$everything (optional _type, _since): the Patient, its
     compartment (mode match) and the Practitioners/Medications referenced (mode include)."""

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response
 
+from fhirbridge.api.access import public
 from fhirbridge.api.http import json_response, services
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@public
 def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
 @bp.get("/readyz")
+@public
 def readyz() -> Response:
     svc = services()
     checks = {"database": svc.store.ping(), "mappings": bool(svc.pack.rules)}

@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Response
 
+from fhirbridge.api.access import public
 from fhirbridge.api.http import json_response
 from fhirbridge.ehr.auth import has_private_members
 
@@ -31,6 +32,7 @@ def make_blueprint(path: str, keys_provider: Callable[[], dict[str, Any]]) -> Bl
         raise ValueError(f"JWKS path must start with '/': {path!r}")
     bp = Blueprint("jwks", __name__)
 
+    @public
     def serve_jwks() -> Response:
         body = keys_provider()
         if has_private_members(body):

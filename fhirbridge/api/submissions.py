@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from flask import Blueprint, Flask, Response, request
 
+from fhirbridge.api.access import SUBMISSIONS_WRITE, requires
 from fhirbridge.api.http import fhir_response, json_response, services
 from fhirbridge.api.sync import delivery_view
 from fhirbridge.errors import (
@@ -62,6 +63,7 @@ def _now() -> datetime:
 
 
 @bp.post("/submissions")
+@requires(SUBMISSIONS_WRITE)
 def create_submission() -> Response:
     """Validate, map, validate output, store; 201 when anything changed, 200 when nothing did."""
     document = read_json_body()
@@ -107,6 +109,7 @@ def create_submission() -> Response:
 
 
 @bp.get("/submissions/<submission_id>")
+@requires(SUBMISSIONS_WRITE)
 def get_submission(submission_id: str) -> Response:
     """The stored summary of an accepted submission."""
     found = services().store.get_submission(submission_id)
@@ -138,6 +141,7 @@ def _produced(stored_summary: Any) -> list[tuple[str, str]]:
 
 
 @bp.post("/$transform")
+@requires(SUBMISSIONS_WRITE)
 def transform_only() -> Response:
     """Same input as /submissions; nothing stored. `?trace=true` adds the rule of every element."""
     document = read_json_body()

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
+from fhirbridge.api.access import SYNC_ADMIN, requires
 from fhirbridge.api.http import json_response, services
 from fhirbridge.errors import BadRequestError, NotFoundError
 from fhirbridge.sync.outbox import Outbox
@@ -104,12 +105,14 @@ def status_body(
 
 
 @bp.get("/status")
+@requires(SYNC_ADMIN)
 def status() -> Response:
     """Per target: counts by delivery state, the oldest waiting row, last success and error."""
     return json_response(status_body(services().outbox, _configured(), _now()))
 
 
 @bp.get("/dead-letters")
+@requires(SYNC_ADMIN)
 def dead_letters() -> Response:
     """Dead-lettered deliveries, newest first (``?target=``, ``limit``, ``offset``)."""
     target = request.args.get("target")
@@ -135,6 +138,7 @@ def dead_letters() -> Response:
 
 
 @bp.get("/dead-letters/<target>/<resource_type>/<resource_id>")
+@requires(SYNC_ADMIN)
 def dead_letter(target: str, resource_type: str, resource_id: str) -> Response:
     """One dead letter; 404 when that delivery is not dead-lettered."""
     key = (resource_type, resource_id)
@@ -145,6 +149,7 @@ def dead_letter(target: str, resource_type: str, resource_id: str) -> Response:
 
 
 @bp.post("/dead-letters/<target>/replay")
+@requires(SYNC_ADMIN)
 def replay_all(target: str) -> Response:
     """Queue every dead letter of the target again (attempts start from zero)."""
     count = services().outbox.replay(_known(target), None, now=_now())
@@ -152,6 +157,7 @@ def replay_all(target: str) -> Response:
 
 
 @bp.post("/dead-letters/<target>/<resource_type>/<resource_id>/replay")
+@requires(SYNC_ADMIN)
 def replay_one(target: str, resource_type: str, resource_id: str) -> Response:
     """Queue one dead letter again; 404 when that delivery is not dead-lettered."""
     count = services().outbox.replay(_known(target), [(resource_type, resource_id)], now=_now())

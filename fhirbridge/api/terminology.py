@@ -37,6 +37,7 @@ from urllib.parse import urlencode
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 
+from fhirbridge.api.access import FHIR_READ, requires
 from fhirbridge.api.fhir import _base_url, _negotiate, _strict
 from fhirbridge.api.http import FHIR_JSON
 from fhirbridge.errors import (
@@ -346,12 +347,14 @@ def _search(items: Sequence[tuple[str, str]]) -> Response:
 
 
 @bp.get(f"/{RESOURCE_TYPE}")
+@requires(FHIR_READ)
 def search() -> Response:
     """GET /fhir/ConceptMap?params: a searchset Bundle."""
     return _search(list(request.args.items(multi=True)))
 
 
 @bp.post(f"/{RESOURCE_TYPE}/_search")
+@requires(FHIR_READ)
 def search_post() -> Response:
     """POST /fhir/ConceptMap/_search, application/x-www-form-urlencoded (URL parameters too)."""
     if request.mimetype != "application/x-www-form-urlencoded":
@@ -372,6 +375,7 @@ def search_post() -> Response:
 
 
 @bp.get(f"/{RESOURCE_TYPE}/<rid>")
+@requires(FHIR_READ)
 def read(rid: str) -> Response:
     """GET /fhir/ConceptMap/{id}."""
     body = conceptmaps().json_by_id.get(rid)

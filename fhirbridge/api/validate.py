@@ -29,6 +29,7 @@ from typing import Any, Final
 
 from flask import Blueprint, Flask, Response, request
 
+from fhirbridge.api.access import SUBMISSIONS_WRITE, requires
 from fhirbridge.api.http import fhir_response, services
 from fhirbridge.api.submissions import read_json_body
 from fhirbridge.errors import BadRequestError, Issue, NotFoundError, operation_outcome
@@ -47,12 +48,14 @@ _PROFILE_KEYS: Final = ("valueUri", "valueCanonical", "valueUrl", "valueString")
 
 
 @bp.post("/$validate")
+@requires(SUBMISSIONS_WRITE)
 def validate_any() -> Response:
     """Validate whatever resource the body holds (or the Parameters' ``resource``)."""
     return _validate(None)
 
 
 @bp.post("/<rtype>/$validate")
+@requires(SUBMISSIONS_WRITE)
 def validate_type(rtype: str) -> Response:
     """Validate a resource that must be of type ``rtype``."""
     if _TYPE_NAME.fullmatch(rtype) is None:
