@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, tuple_, update
 
 from fhirbridge.store.fhirdates import micros, micros_to_datetime
 from fhirbridge.store.resources import ResourceStore, SaveResult
@@ -106,6 +106,78 @@ def _row(r: Any) -> Delivery:
         queued_at=micros_to_datetime(r.queued_at),
         updated_at=micros_to_datetime(r.updated_at),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one delivery attempt, as the worker hands it to the ledger."""
+
+    key: tuple[str, str]
+    version: int
+    status: Status
+    server_id: str | None = None
+    server_version: str | None = None
+    action: str | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    count_attempt: bool = True
+
+
+# One UPDATE for every recorded row (executemany): every column is set, from the result or
+# kept from the row, so all rows share one statement.
+_RECORD = (
+    update(delivery)
+    .where(
+        _d.target == bindparam("b_target"),
+        _d.resource_type == bindparam("b_type"),
+        _d.resource_id == bindparam("b_id"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        lease_owner=None,
+        lease_until=None,
+        updated_at=bindparam("b_updated_at"),
+        last_error=bindparam("b_error"),
+        next_attempt_at=bindparam("b_next"),
+        attempts=bindparam("b_attempts"),
+        sent_version=bindparam("b_sent_version"),
+        server_id=bindparam("b_server_id"),
+        server_version=bindparam("b_server_version"),
+        action=bindparam("b_action"),
+    )
+)
+
+
+def _result_params(r: Result, current: Any, now_us: int) -> dict[str, Any]:
+    """The new column values of one ledger row, given its current values."""
+    status: str = r.status
+    attempts = current.attempts + 1 if r.count_attempt else current.attempts
+    next_at = micros(r.next_attempt_at) if r.next_attempt_at else now_us
+    sent_version, server_id = current.sent_version, current.server_id
+    server_version, action = current.server_version, current.action
+    if status in ("sent", "fallback", "skipped"):
+        sent_version, attempts = r.version, 0
+        if r.server_id is not None:
+            server_id = r.server_id
+        if r.server_version is not None:
+            server_version = r.server_version
+        if r.action is not None:
+            action = r.action
+        if current.want_version > r.version:
+            status, next_at = "queued", now_us
+    return {
+        "b_type": current.resource_type,
+        "b_id": current.resource_id,
+        "b_status": status,
+        "b_updated_at": now_us,
+        "b_error": r.error,
+        "b_next": next_at,
+        "b_attempts": attempts,
+        "b_sent_version": sent_version,
+        "b_server_id": server_id,
+        "b_server_version": server_version,
+        "b_action": action,
+    }
 
 
 class Outbox:
@@ -308,46 +380,71 @@ class Outbox:
 
         A version newer than `version` that arrived meanwhile sends the row back to queued.
         """
+        result = Result(
+            key,
+            version,
+            status,
+            server_id=server_id,
+            server_version=server_version,
+            action=action,
+            error=error,
+            next_attempt_at=next_attempt_at,
+            count_attempt=count_attempt,
+        )
+        return bool(self.record_many(target, [result], owner=owner, now=now))
+
+    def record_many(
+        self, target: str, results: Sequence[Result], *, owner: str, now: datetime
+    ) -> set[tuple[str, str]]:
+        """Write the outcomes of several delivery attempts in one transaction.
+
+        One commit for a whole step (or round) of a worker instead of one per resource: the
+        ledger write was the largest cost fhirbridge itself added to a sync. Returns the keys
+        recorded; a row `owner` no longer holds (its lease ran out and another worker took
+        it) is left alone.
+        """
+        if not results:
+            return set()
         now_us = micros(now)
+        by_key = {r.key: r for r in results}  # the last outcome for a key wins
+        recorded: set[tuple[str, str]] = set()
+        params: list[dict[str, Any]] = []
         with self.store.write() as conn:
-            current = conn.execute(
-                select(_d.want_version, _d.lease_owner, _d.status, _d.attempts)
-                .where(_d.target == target, _d.resource_type == key[0], _d.resource_id == key[1])
-                .with_for_update()
-            ).first()
-            if current is None or current.lease_owner != owner or current.status != "in_flight":
-                log.warning("lost the lease on a delivery to %s; result not recorded", target)
-                return False
-            values: dict[str, Any] = {
-                "status": status,
-                "lease_owner": None,
-                "lease_until": None,
-                "updated_at": now_us,
-                "last_error": error,
-                "next_attempt_at": micros(next_attempt_at) if next_attempt_at else now_us,
-            }
-            if count_attempt:
-                values["attempts"] = current.attempts + 1
-            if status in ("sent", "fallback", "skipped"):
-                values.update(sent_version=version, attempts=0)
-                if server_id is not None:
-                    values["server_id"] = server_id
-                if server_version is not None:
-                    values["server_version"] = server_version
-                if action is not None:
-                    values["action"] = action
-                if current.want_version > version:
-                    values.update(status="queued", next_attempt_at=now_us)
-            conn.execute(
-                update(delivery)
-                .where(
-                    _d.target == target,
-                    _d.resource_type == key[0],
-                    _d.resource_id == key[1],
+            current_rows: list[Any] = []
+            for chunk in _chunks(list(by_key), 500):
+                current_rows.extend(
+                    conn.execute(
+                        select(
+                            _d.resource_type,
+                            _d.resource_id,
+                            _d.want_version,
+                            _d.sent_version,
+                            _d.lease_owner,
+                            _d.status,
+                            _d.attempts,
+                            _d.server_id,
+                            _d.server_version,
+                            _d.action,
+                        )
+                        .where(
+                            _d.target == target,
+                            tuple_(_d.resource_type, _d.resource_id).in_(chunk),
+                        )
+                        .with_for_update()
+                    ).all()
                 )
-                .values(**values)
-            )
-        return True
+            for current in current_rows:
+                key = (current.resource_type, current.resource_id)
+                if current.lease_owner != owner or current.status != "in_flight":
+                    continue
+                params.append(_result_params(by_key[key], current, now_us))
+                recorded.add(key)
+            if params:
+                conn.execute(_RECORD, [{"b_target": target, **p} for p in params])
+        lost = len(by_key) - len(recorded)
+        if lost:
+            log.warning("lost the lease on %d deliveries to %s; results not recorded", lost, target)
+        return recorded
 
     def release(
         self, target: str, keys: Iterable[tuple[str, str]], *, owner: str, now: datetime

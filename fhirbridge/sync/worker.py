@@ -27,7 +27,7 @@ from fhirbridge.store.fhirdates import parse_range
 from fhirbridge.store.resources import ResourceStore
 from fhirbridge.sync import planner
 from fhirbridge.sync.capabilities import Capabilities
-from fhirbridge.sync.outbox import Delivery, Outbox
+from fhirbridge.sync.outbox import Delivery, Outbox, Result
 from fhirbridge.sync.retry import (
     DEFAULT_POLICY,
     DeadLetter,
@@ -90,6 +90,9 @@ class Worker:
         self.policy, self.clock = policy, clock
         self.rng = rng or random.Random()
         self.limit, self.lease = limit, lease
+        # Outcomes not yet written to the ledger: written in one transaction per planning
+        # round (see _flush), not one per resource.
+        self._results: list[Result] = []
 
     # ------------------------------------------------------------------ loop
 
@@ -123,6 +126,24 @@ class Worker:
     # ------------------------------------------------------------------ one patient
 
     def _deliver(self, rt: TargetRuntime, rows: list[Delivery]) -> None:
+        try:
+            self._deliver_rounds(rt, rows)
+        finally:
+            self._flush(rt)
+
+    def _flush(self, rt: TargetRuntime) -> None:
+        """Write the buffered outcomes to the ledger, in one transaction.
+
+        Buffering is safe because every write the planner makes is idempotent (PUT to our id,
+        conditional create, search-then-create) except the plain POST of an unverifiable
+        resource, whose row is marked `posting` in the ledger before it is sent: a worker that
+        dies with outcomes still buffered leaves rows whose lease runs out and that the next
+        worker re-sends (idempotently) or dead-letters (the POSTs in doubt).
+        """
+        results, self._results = self._results, []
+        self.outbox.record_many(rt.target.name, results, owner=self.owner, now=self.clock())
+
+    def _deliver_rounds(self, rt: TargetRuntime, rows: list[Delivery]) -> None:
         pending: dict[str, Delivery] = {f"{r.resource_type}/{r.resource_id}": r for r in rows}
         versions: dict[str, int] = {}
         encounters: dict[str, str | None] = {}  # our Encounter → the target's (lookup cache)
@@ -130,6 +151,7 @@ class Worker:
             due = self._due(rt, pending, versions)
             if not due:
                 break
+            self._flush(rt)  # planning reads the ledger (server ids of what was just sent)
             refs = self.outbox.server_refs(rt.target.name, _references(due))
             patient_key = rows[0].patient_ref
             patient_ref = refs.get(patient_key)
@@ -275,6 +297,7 @@ class Worker:
         retries, when that one is due; anything else (no matching patient or encounter on the
         target) after WAIT_RECHECK.
         """
+        self._flush(rt)  # the ledger rows of what it waits for must be current
         now = self.clock()
         at = now + WAIT_RECHECK
         if due is not None:
@@ -298,19 +321,18 @@ class Worker:
         return _Outcome("waiting", error=step.reason, next_at=at, count_attempt=False)
 
     def _record(self, rt: TargetRuntime, row: Delivery, version: int, o: _Outcome) -> None:
-        self.outbox.record(
-            rt.target.name,
-            (row.resource_type, row.resource_id),
-            owner=self.owner,
-            version=version,
-            status=o.status,  # type: ignore[arg-type]
-            now=self.clock(),
-            server_id=o.server_id,
-            server_version=o.server_version,
-            action=o.action,
-            error=o.error,
-            next_attempt_at=o.next_at,
-            count_attempt=o.count_attempt,
+        self._results.append(
+            Result(
+                (row.resource_type, row.resource_id),
+                version,
+                o.status,  # type: ignore[arg-type]
+                server_id=o.server_id,
+                server_version=o.server_version,
+                action=o.action,
+                error=o.error,
+                next_attempt_at=o.next_at,
+                count_attempt=o.count_attempt,
+            )
         )
 
     # ------------------------------------------------------------------ steps
