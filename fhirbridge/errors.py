@@ -2,6 +2,8 @@
 
     FhirbridgeError                 500  exception   (never raised for bad input)
     ├── BadRequestError             400  invalid     malformed JSON, bad search parameter
+    ├── UnauthorizedError           401  login       no or bad credentials (+ WWW-Authenticate)
+    ├── ForbiddenError              403  forbidden   authenticated, but not allowed this route
     ├── NotFoundError               404  not-found
     ├── GoneError                   410  deleted
     ├── UnsupportedMediaTypeError   415  not-supported
@@ -14,8 +16,9 @@ Messages and diagnostics never carry patient values: they name paths, rules and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 
@@ -53,6 +56,8 @@ class FhirbridgeError(Exception):
     code = "internal"
     http_status = 500
     issue_code = "exception"
+    #: Extra HTTP response headers (WWW-Authenticate on 401 and 403); none by default.
+    headers: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, message: str | None = None, issues: Sequence[Issue] = ()) -> None:
         self.message = message or (self.__doc__ or self.code).strip().splitlines()[0]
@@ -71,6 +76,31 @@ class BadRequestError(FhirbridgeError):
     code = "bad_request"
     http_status = 400
     issue_code = "invalid"
+
+
+class UnauthorizedError(FhirbridgeError):
+    """Authentication required: send an API key or a bearer token."""
+
+    code = "unauthorized"
+    http_status = 401
+    issue_code = "login"
+
+    def __init__(self, message: str | None = None, *, challenge: str) -> None:
+        super().__init__(message)
+        self.headers = MappingProxyType({"WWW-Authenticate": challenge})
+
+
+class ForbiddenError(FhirbridgeError):
+    """Not allowed: the caller lacks the scope this route needs."""
+
+    code = "forbidden"
+    http_status = 403
+    issue_code = "forbidden"
+
+    def __init__(self, message: str | None = None, *, challenge: str | None = None) -> None:
+        super().__init__(message)
+        if challenge:
+            self.headers = MappingProxyType({"WWW-Authenticate": challenge})
 
 
 class NotFoundError(FhirbridgeError):
