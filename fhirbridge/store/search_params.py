@@ -222,6 +222,30 @@ PARAMS: Mapping[str, tuple[SearchParam, ...]] = MappingProxyType(
                 ("recorded",), "Provenance", name="recorded", definition=_SP + "Provenance-recorded"
             ),
         ),
+        # The audit trail (fhirbridge.audit); not in any Patient compartment on purpose.
+        "AuditEvent": (
+            _date(("recorded",), "AuditEvent", definition=_SP + "AuditEvent-date"),
+            SearchParam(
+                "agent",
+                "reference",
+                ("agent.who",),
+                _SP + "AuditEvent-agent",
+                "AuditEvent.agent.who as a literal reference (fhirbridge names its callers by "
+                "identifier: search them with altid)",
+            ),
+            _code("agent.altId", "AuditEvent", name="altid", definition=_SP + "AuditEvent-altid"),
+            SearchParam(
+                "entity",
+                "reference",
+                ("entity.what",),
+                _SP + "AuditEvent-entity",
+                "AuditEvent.entity.what",
+            ),
+            _code("outcome", "AuditEvent", name="outcome", definition=_SP + "AuditEvent-outcome"),
+            _code("type", "AuditEvent", name="type", definition=_SP + "AuditEvent-type"),
+            _code("subtype", "AuditEvent", name="subtype", definition=_SP + "AuditEvent-subtype"),
+            _code("action", "AuditEvent", name="action", definition=_SP + "AuditEvent-action"),
+        ),
     }
 )
 

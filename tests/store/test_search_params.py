@@ -151,6 +151,7 @@ def test_extract_index_shapes() -> None:
 def test_parameter_table() -> None:
     assert set(SUPPORTED_TYPES) == {
         "AdverseEvent",
+        "AuditEvent",
         "Encounter",
         "EpisodeOfCare",
         "Medication",
