@@ -30,8 +30,8 @@ from typing import Any, Final
 from flask import Blueprint, Flask, Response, request
 
 from fhirbridge.api.access import SUBMISSIONS_WRITE, requires
+from fhirbridge.api.body import read_json_body
 from fhirbridge.api.http import fhir_response, services
-from fhirbridge.api.submissions import read_json_body
 from fhirbridge.errors import BadRequestError, Issue, NotFoundError, operation_outcome
 from fhirbridge.fhir.checker import check_document
 from fhirbridge.fhir.profiles import PROFILE_BASE, VITAL_SIGNS_PROFILES
