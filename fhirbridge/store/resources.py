@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -37,6 +37,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -221,7 +222,10 @@ def _prepare(resource: Mapping[str, Any]) -> _Prepared:
     return _Prepared(rtype, rid, dict(resource), _content_hash(resource))
 
 
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+_T = TypeVar("_T")
+
+
+def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
 
@@ -688,6 +692,29 @@ class ResourceStore:
         out = dict(row._mapping)
         out["summary"] = orjson.loads(out["summary"])
         return out
+
+    def read_stored_many(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], StoredVersion]:
+        """The current, not deleted, versions of several resources, by (type, id), in one
+        query per chunk; absent or deleted ones are missing from the result."""
+        found: dict[tuple[str, str], StoredVersion] = {}
+        with self._read() as conn:
+            for chunk in _chunks(list(keys)):
+                rows = conn.execute(
+                    select(
+                        _r.resource_type,
+                        _r.id,
+                        _r.version_id,
+                        _r.last_updated,
+                        _r.deleted,
+                        _r.content,
+                    ).where(tuple_(_r.resource_type, _r.id).in_(chunk))
+                )
+                for row in rows:
+                    if not row.deleted:
+                        found[(row.resource_type, row.id)] = _stored(row)
+        return found
 
     def read_stored(self, rtype: str, rid: str) -> StoredVersion:
         """The current version as stored. NotFoundError if absent, GoneError if deleted."""

@@ -65,6 +65,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeAlias
 
+import orjson
+
 from fhirbridge.sync.capabilities import Capabilities
 from fhirbridge.sync.targets import FallbackAction, Target
 
@@ -97,6 +99,7 @@ _Mode = Literal["PUT", "POST_INE", "SEARCH", "POST"]
 NOTE_NAMESPACE = uuid.UUID("6f1d7c1e-2f57-5b8e-9d0a-4a3c8e1b2d40")
 
 _REF = re.compile(r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})")
+_REF_MEMBER = re.compile(rb'"reference":"([A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64})"')
 _INSTANT = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})"
 )
@@ -727,25 +730,43 @@ def plan(
 # ------------------------------------------------------------------------------ references
 
 
+def _copy(resource: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of JSON data: an orjson round trip, several times faster than deepcopy."""
+    copied: dict[str, Any] = orjson.loads(orjson.dumps(resource))
+    return copied
+
+
 def references(resource: Any) -> Iterator[str]:
-    """Every relative ``Type/id`` reference in a resource (any depth)."""
-    return (ref for _, ref in _ref_paths(resource))
+    """Every relative ``Type/id`` Reference.reference in a resource (any depth).
+
+    Read off the resource's JSON with one regular expression: the planner asks this of every
+    resource several times per pass, and a Python walk of the tree cost more than the rest of
+    planning. A JSON string cannot hold an unescaped quote, so a match is always a whole
+    ``"reference": "Type/id"`` member (the same members the tree walk of `_ref_paths` finds).
+    """
+    return (m.decode() for m in _REF_MEMBER.findall(orjson.dumps(resource)))
 
 
-def _ref_paths(
-    node: Any, path: tuple[str | int, ...] = ()
-) -> Iterator[tuple[tuple[str | int, ...], str]]:
-    """(path, reference) of every relative ``Type/id`` Reference.reference under ``node``."""
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str) and _REF.fullmatch(ref):
-            yield path, ref
-        for k, v in node.items():
-            if k != "reference":
-                yield from _ref_paths(v, (*path, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _ref_paths(v, (*path, i))
+def _ref_paths(node: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    """(path, reference) of every relative ``Type/id`` Reference.reference under ``node``,
+    in document order (an explicit stack: the planner walks every resource several times)."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(node, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("reference")
+            if isinstance(ref, str) and _REF.fullmatch(ref):
+                found.append((path, ref))
+            children = [(v, (*path, k)) for k, v in item.items() if k != "reference"]
+        elif isinstance(item, list):
+            children = [(v, (*path, i)) for i, v in enumerate(item)]
+        else:
+            continue
+        stack.extend(
+            (v, child_path) for v, child_path in reversed(children) if isinstance(v, dict | list)
+        )
+    return found
 
 
 def _order(items: dict[str, _Item]) -> None:
@@ -834,7 +855,7 @@ def _patient_create(ctx: _Ctx, patient: _Item, mrn: str) -> Single | None:
     caps = ctx.caps.of("Patient")
     if not ctx.target.create_patient or pid is None or not caps.writable:
         return None
-    body = copy.deepcopy(patient.due.resource)
+    body = _copy(patient.due.resource)
     # Carry the hospital's identifier so that the next match finds the patient we created.
     body["identifier"] = [*(body.get("identifier") or []), {"system": pid.system, "value": mrn}]
     if caps.update_create:
@@ -1033,10 +1054,10 @@ def _resolve(ctx: _Ctx, item: _Item) -> None:
         return
     if item.action not in ("write", "update"):
         return
-    body = copy.deepcopy(item.due.resource)
+    body = _copy(item.due.resource)
     removed = False
     encounter_known = False
-    for path, ref in list(_ref_paths(body)):
+    for path, ref in _ref_paths(body):
         if ref == item.key or not _reachable(body, path):  # inside an element already dropped
             continue
         kind, value = _status(ctx, ref)
@@ -1446,13 +1467,15 @@ def _if_match(ctx: _Ctx, item: _Item) -> str | None:
 
 def _entry(item: _Item, urn: Mapping[str, str]) -> Entry:
     assert item.body is not None and item.mode is not None
-    body = copy.deepcopy(item.body)
-    for path, ref in list(_ref_paths(body)):
-        if ref in urn:
-            _set_ref(body, path, urn[ref])
+    body = item.body
+    if any(ref in urn for ref in references(body)):
+        body = _copy(body)
+        for path, ref in _ref_paths(body):
+            if ref in urn:
+                _set_ref(body, path, urn[ref])
     if item.mode == "PUT":
         return Entry(item.key, "PUT", item.key, body, _full_url(item.key))
-    body.pop("id", None)
+    body = {k: v for k, v in body.items() if k != "id"}  # item.body is shared: no pop
     ine = None
     if item.mode == "POST_INE":
         system, value = _identity(item.due.resource) or ("", "")

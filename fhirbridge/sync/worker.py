@@ -211,11 +211,10 @@ class Worker:
         self, rt: TargetRuntime, pending: dict[str, Delivery], versions: dict[str, int]
     ) -> list[planner.Due]:
         due: list[planner.Due] = []
+        stored_now = self.store.read_stored_many([row.key for row in pending.values()])
         for key, row in list(pending.items()):
-            try:
-                stored = self.store.read_stored(row.resource_type, row.resource_id)
-                resource = stored.resource()
-            except (NotFoundError, GoneError):
+            stored = stored_now.get(row.key)
+            if stored is None:  # deleted, or gone, since it was queued
                 pending.pop(key)
                 self._record(
                     rt,
@@ -224,6 +223,7 @@ class Worker:
                     _Outcome("skipped", action="skip", error="no longer stored"),
                 )
                 continue
+            resource = stored.resource()
             versions[key] = int(stored.version_id)
             ledger = planner.Ledger(
                 server_id=row.server_id,
