@@ -26,6 +26,8 @@ from typing import Any
 bind = ["127.0.0.1:8080"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 accesslog = None
+# gunicorn's own lines (start, workers, errors) as JSON through fhirbridge's root handler.
+logger_class = "fhirbridge.logs.GunicornLogger"
 
 
 def on_starting(server: Any) -> None:

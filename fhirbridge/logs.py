@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TextIO
 
 from flask import Flask, Response, g, request
 from flask.logging import default_handler
+from gunicorn.glogging import Logger
 from pythonjsonlogger.json import JsonFormatter
 
 from fhirbridge.api.access import current_principal
@@ -32,9 +33,9 @@ if TYPE_CHECKING:
 __all__ = [
     "QUIET_LOGGERS",
     "REQUEST_ID_HEADER",
+    "GunicornLogger",
     "configure",
     "current_request_id",
-    "gunicorn_logger_class",
     "init_app",
     "is_configured",
 ]
@@ -228,18 +229,31 @@ def init_app(app: Flask, settings: Settings) -> None:
 # ---------------------------------------------------------------- gunicorn
 
 
-def gunicorn_logger_class() -> type:
-    """gunicorn's logger, with its error log sent through the root (JSON) handler and its
-    access log silenced (query strings; fhirbridge.access logs the route instead)."""
-    from gunicorn.glogging import Logger
+class GunicornLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger with its error log sent through the root (JSON) handler, and its
+    access log silenced: its line is the request line, query string included
+    (fhirbridge.access logs the route template instead).
 
-    class _GunicornLogger(Logger):  # type: ignore[misc]
-        def setup(self, cfg: Any) -> None:
-            super().setup(cfg)
-            for log in (self.error_log, self.access_log):
-                for handler in list(log.handlers):
-                    log.removeHandler(handler)
-                log.propagate = True
-            self.access_log.setLevel(logging.WARNING)
+    `fhirbridge serve` sets it; so does fhirbridge/gunicorn_conf.py for a bare gunicorn, where
+    the master logs before any app exists: logging is configured here from settings then.
+    """
 
-    return _GunicornLogger
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if not is_configured():
+            _configure_from_settings()
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
+        self.access_log.setLevel(logging.WARNING)
+
+
+def _configure_from_settings() -> None:
+    from fhirbridge.settings import Settings
+
+    try:
+        settings = Settings()
+        configure(settings.log_level, settings.log_format)
+    except ValueError:  # bad settings: create_app reports them; log meanwhile
+        configure()
