@@ -59,6 +59,8 @@ class FileSecretsSource(EnvSettingsSource):
         except OSError as exc:
             # The path is configuration, not a secret; the content is never shown.
             raise ValueError(f"{env_name}_FILE: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:  # its repr would carry the file's bytes: the secret
+            raise ValueError(f"{env_name}_FILE: {path} is not UTF-8 text") from None
         return text.removesuffix("\n"), field_name, self.field_is_complex(field)
 
 
@@ -78,20 +80,39 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, FileSecretsSource(settings_cls))
 
-    database_url: str = Field(default_factory=default_database_url)
-    mappings_dir: Path = Field(default_factory=default_mappings_dir)
+    database_url: str = Field(
+        default_factory=default_database_url,
+        description="SQLAlchemy URL of the database: sqlite:///path (one machine) or "
+        "postgresql+psycopg://user@host/db (several instances).",
+    )
+    mappings_dir: Path = Field(
+        default_factory=default_mappings_dir, description="The mapping pack folder to load."
+    )
     base_url: str = Field(
         default="",
         description="Public base URL of the FHIR API (for fullUrl and paging links); "
         "empty means derived from each request.",
     )
-    page_size: int = Field(default=50, ge=1, le=1000)
-    max_page_size: int = Field(default=500, ge=1, le=5000)
-    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
-    log_level: str = "INFO"
+    page_size: int = Field(
+        default=50, ge=1, le=1000, description="FHIR search page size when _count is not given."
+    )
+    max_page_size: int = Field(
+        default=500,
+        ge=1,
+        le=5000,
+        description="Largest FHIR search page: a larger _count is lowered to it.",
+    )
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body in bytes (10 MiB); larger ones are refused with 413.",
+    )
+    log_level: str = Field(
+        default="INFO", description="Least severe log level written (DEBUG, INFO, WARNING, …)."
+    )
     targets: Path | None = Field(
         default=None,
-        description="YAML file of hospital FHIR servers to deliver to (FHIRBRIDGE_TARGETS); "
+        description="YAML file of hospital FHIR servers to deliver to; "
         "none: resources are stored and served, not delivered.",
     )
     jwks_path: str = Field(
@@ -99,7 +120,9 @@ class Settings(BaseSettings):
         pattern=r"^/[A-Za-z0-9._~/-]*$",
         description="Where our SMART Backend Services public keys are published (JWKS).",
     )
-    worker_idle_seconds: float = Field(default=1.0, gt=0, le=60)
+    worker_idle_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How long a sync worker rests when nothing is due."
+    )
     worker_lease_seconds: float = Field(
         default=120.0,
         ge=1,
