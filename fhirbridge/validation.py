@@ -11,6 +11,7 @@ from datetime import date, datetime
 from typing import Any
 
 import jsonschema
+import jsonschema_rs
 from jsonschema import FormatChecker, ValidationError
 
 from fhirbridge.errors import Issue
@@ -79,13 +80,31 @@ class SubmissionValidator:
     def __init__(self, schema: dict[str, Any], integrity: Integrity | None = None) -> None:
         jsonschema.Draft202012Validator.check_schema(schema)
         self._validator = jsonschema.Draft202012Validator(schema, format_checker=_FORMATS)
+        # The same schema and format checks, compiled by jsonschema-rs: it answers "valid?" in
+        # a few µs where the Python validator takes ~1.5 ms per medicine session, and every
+        # accepted submission only needs that answer. The Python validator still explains
+        # every rejected one, so messages and paths are unchanged; a test holds the two to the
+        # same verdicts.
+        self._fast = jsonschema_rs.validator_for(
+            schema,
+            formats={
+                "fhir-date": _check_date,
+                "fhir-instant": _check_instant,
+                "fhir-datetime": _check_datetime,
+            },
+            validate_formats=True,
+        )
         self._integrity = integrity or Integrity()
 
     def validate(self, document: Any) -> list[Issue]:
         """All problems of the document, schema ones first, each sorted by path."""
         issues: list[Issue] = []
-        errors = sorted(
-            self._validator.iter_errors(document), key=lambda e: json_path(e.absolute_path)
+        errors = (
+            []
+            if self._fast.is_valid(document)
+            else sorted(
+                self._validator.iter_errors(document), key=lambda e: json_path(e.absolute_path)
+            )
         )
         for error in errors:
             issue = _issue(error)
