@@ -44,6 +44,8 @@ from fhirbridge.errors import Issue, operation_outcome
 from fhirbridge.store.fhirdates import format_instant, micros, parse_range
 from fhirbridge.store.schema import resource_history, resources, search_index
 from fhirbridge.store.search_params import REFERENCE_ROW, extract_index
+from fhirbridge.sync import planner
+from fhirbridge.sync.outbox import Result
 
 if TYPE_CHECKING:
     from fhirbridge.store.resources import ResourceStore, SaveResult
@@ -64,6 +66,7 @@ __all__ = [
     "record",
     "record_submission",
     "rest_event",
+    "step_audit_event",
     "submission_event",
 ]
 
@@ -341,11 +344,26 @@ def delivery_audit_event(
     )
 
 
+def step_audit_event(
+    step: planner.Step, *, target: str, results: Sequence[Result], recorded: datetime
+) -> dict[str, Any] | None:
+    """The AuditEvent of one sync step (the worker's ledger results of it), or None when the
+    step made no request to the target."""
+    interaction = delivery_interaction(step)
+    if interaction is None or not results:
+        return None
+    return delivery_audit_event(
+        event_id=str(uuid.uuid4()),
+        recorded=recorded,
+        target=target,
+        interaction=interaction,
+        delivered=[Delivered(r.key[0], r.key[1], str(r.version), r.status) for r in results],
+    )
+
+
 def delivery_interaction(step: object) -> str | None:
     """The restful interaction a sync planner step makes at the target; None when it makes no
     request (a Wait, a skip)."""
-    from fhirbridge.sync import planner
-
     if isinstance(step, planner.Transaction):
         return "transaction"
     if isinstance(step, planner.Batch):
@@ -580,7 +598,11 @@ def build_request_event(response: Response, decl: Audited, recorded: datetime) -
 def _after(response: Response) -> Response:
     view = current_app.view_functions.get(request.endpoint or "")
     decl = audit_of(view)
-    if decl is None or response.status_code in _NOT_AUDITED_STATUSES:
+    if (
+        decl is None
+        or response.status_code in _NOT_AUDITED_STATUSES
+        or request.method == "OPTIONS"  # answered by Flask itself: the view never ran
+    ):
         return response
     ok = response.status_code < 400
     if ok and g.get(_DONE):

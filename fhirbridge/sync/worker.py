@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from fhirbridge import audit
 from fhirbridge.ehr.client import EhrClient, EhrResponse, entry_results
 from fhirbridge.ehr.errors import EhrError, OutcomeUnknownError
 from fhirbridge.errors import GoneError, NotFoundError
@@ -93,6 +94,7 @@ class Worker:
         # Outcomes not yet written to the ledger: written in one transaction per planning
         # round (see _flush), not one per resource.
         self._results: list[Result] = []
+        self._audits: list[dict[str, Any]] = []  # one AuditEvent per request, written likewise
 
     # ------------------------------------------------------------------ loop
 
@@ -141,6 +143,10 @@ class Worker:
         worker re-sends (idempotently) or dead-letters (the POSTs in doubt).
         """
         results, self._results = self._results, []
+        # Audit first: a request that reached the target stays audited if the ledger write fails
+        # (its rows are then sent again, idempotently, and audited again).
+        events, self._audits = self._audits, []
+        audit.record(self.store, events)
         self.outbox.record_many(rt.target.name, results, owner=self.owner, now=self.clock())
 
     def _deliver_rounds(self, rt: TargetRuntime, rows: list[Delivery]) -> None:
@@ -181,11 +187,20 @@ class Worker:
                     if isinstance(step, planner.Wait)
                     else self._execute(rt, step, pending)
                 )
+                start = len(self._results)
                 for key, outcome in outcomes:
                     row = pending.pop(key, None)
                     if row is None:
                         continue
                     self._record(rt, row, versions.get(key, row.want_version), outcome)
+                event = audit.step_audit_event(
+                    step,
+                    target=rt.target.name,
+                    results=self._results[start:],
+                    recorded=self.clock(),
+                )
+                if event is not None:
+                    self._audits.append(event)
                 progressed = True
                 if isinstance(step, planner.MatchPatient):
                     # The rest of this plan is the patient gate's Waits: plan again, now that

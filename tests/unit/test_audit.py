@@ -18,6 +18,7 @@ from fhirbridge.store.resources import ResourceStore, SavedResource, SaveResult
 from fhirbridge.store.schema import search_index
 from fhirbridge.store.search_params import REFERENCE_ROW, extract_index
 from fhirbridge.sync import planner
+from fhirbridge.sync.outbox import Result
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 PATIENT = "0b7e4d1c-8a36-4c1e-9f2b-3d5a6c7e8f01"
@@ -332,3 +333,20 @@ def test_stored_json_is_what_was_built(store: ResourceStore) -> None:
     event = _read_event()
     audit.record(store, [event])
     assert orjson.loads(store.read_stored("AuditEvent", EVENT_ID).json or "") == event
+
+
+def test_step_audit_event_from_the_ledger_results_of_a_step() -> None:
+    key = f"Observation/{OBS}"
+    results = [Result(("Observation", OBS), 3, "sent"), Result(("Patient", PATIENT), 1, "dead")]
+    put = planner.Single(key=key, method="PUT", url=key, body={})
+    event = audit.step_audit_event(put, target="ehr", results=results, recorded=T0)
+    assert event is not None
+    _valid(event)
+    assert (event["subtype"][0]["code"], event["action"], event["outcome"]) == ("update", "U", "4")
+    assert [e["what"]["reference"] for e in event["entity"]] == [
+        f"Observation/{OBS}/_history/3",
+        f"Patient/{PATIENT}/_history/1",
+    ]
+    wait = planner.Wait(key=key, reason="no encounter")
+    assert audit.step_audit_event(wait, target="ehr", results=results, recorded=T0) is None
+    assert audit.step_audit_event(put, target="ehr", results=[], recorded=T0) is None
