@@ -4,7 +4,8 @@ SMART (client-confidential-asymmetric) asks for a TLS-protected JWKS URL reachab
 authentication, and that the client SHOULD send a Cache-Control header with it: here
 ``max-age=300``, so a rotated key is picked up within five minutes. The set comes from
 ``keys_provider`` (normally ``fhirbridge.ehr.auth.jwks`` over the configured SMART targets);
-a set that carries private key material is refused with a 500 instead of being published.
+a set that carries private key material is refused with a 500 (an OperationOutcome, as every
+error) instead of being published.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flask import Blueprint, Response
 from fhirbridge.api.access import public
 from fhirbridge.api.http import json_response
 from fhirbridge.ehr.auth import has_private_members
+from fhirbridge.errors import FhirbridgeError
 
 DEFAULT_PATH = "/.well-known/jwks.json"
 CACHE_CONTROL = "max-age=300"
@@ -37,7 +39,7 @@ def make_blueprint(path: str, keys_provider: Callable[[], dict[str, Any]]) -> Bl
         body = keys_provider()
         if has_private_members(body):
             log.error("refusing to publish a JWK Set that holds private key material")
-            return json_response({"error": "internal error"}, 500)
+            raise FhirbridgeError()  # a 500 OperationOutcome, like every other error
         return json_response(body, headers={"Cache-Control": CACHE_CONTROL})
 
     bp.add_url_rule(path, endpoint="jwks", view_func=serve_jwks, methods=["GET"])
