@@ -68,7 +68,7 @@ def _to_sign_in(err: UnauthorizedError) -> BaseResponse:
     return fhir_response(err.outcome(), err.http_status, dict(err.headers))
 
 
-@bp.app_template_filter("when")
+@bp.app_template_filter("ui_time")
 def _when(value: datetime | str | None) -> str:
     """An instant as `2026-03-02 14:32:05 UTC` (ISO strings from status_body, or datetimes)."""
     if value is None:
@@ -77,7 +77,7 @@ def _when(value: datetime | str | None) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@bp.app_context_processor
+@bp.context_processor
 def _globals() -> dict[str, Any]:
     return {"csrf_token": csrf_token, "csrf_field": CSRF_FIELD}
 
