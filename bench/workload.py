@@ -11,7 +11,8 @@ mapped FHIR ids differ), a distinct MRN and names, so nothing is ever a re-post.
   pair, the proportions of a course (3 preparation, 2-3 medicine, ~9 integration sessions
   are typical; we weigh them 1 : 1 : 1 per submission, since a medicine session is one
   submission carrying far more records).
-- `small(i)`: a patient, one session and one vital-sign record: the API benchmark's body.
+- `small(i)`: a patient and one vital-sign record (heart rate, blood pressure, temperature)
+  in its session: the API benchmark's body; 8 resources.
 - `wide(i, records)`: one submission whose medicine session has `records` vital-sign records
   (the scaling benchmark).
 """
@@ -90,11 +91,12 @@ def realistic_mix(i: int) -> dict[str, Any]:
 
 
 def small(i: int) -> dict[str, Any]:
+    sessions = copy.deepcopy(FIXTURE["sessions"])
+    sessions[0]["therapists"] = []  # no practitioner records: a patient and one vital sign
     doc = {
         "source": FIXTURE["source"],
         "patient": copy.deepcopy(FIXTURE["patient"]),
-        "practitioners": copy.deepcopy(FIXTURE["practitioners"]),
-        "sessions": copy.deepcopy(FIXTURE["sessions"]),
+        "sessions": sessions,
         "vitals": [copy.deepcopy(FIXTURE["vitals"][0])],
     }
     return _distinct(doc, i)
