@@ -17,6 +17,7 @@ __all__ = ["Settings", "create_app"]
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Application factory (gunicorn: ``fhirbridge:create_app()``)."""
+    from fhirbridge.api import docs as docs_api
     from fhirbridge.api import fhir, health, problems, submissions, terminology, validate
     from fhirbridge.api import sync as sync_api
     from fhirbridge.api.http import Services
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     fhir.init_app(app)
     terminology.init_app(app)
     validate.init_app(app)
+    docs_api.init_app(app)
     sync_api.init_app(app, targets)
     app.extensions.setdefault(fhir.CAPABILITY_EXTENSIONS, []).append(
         terminology.conceptmap_capability()
