@@ -228,7 +228,8 @@ def _principal(claims: dict[str, Any]) -> Principal:
         ),
         None,
     )
-    if client_id is None or len(client_id) > MAX_CLIENT_ID_LENGTH:
+    # Logged and audited: short, and no control characters (no forged log lines).
+    if client_id is None or len(client_id) > MAX_CLIENT_ID_LENGTH or not client_id.isprintable():
         raise TokenRejected("claims")
     return Principal(client_id, _scopes(claims), "jwt")
 

@@ -208,6 +208,8 @@ def test_an_algorithm_that_does_not_match_the_key_type_is_refused() -> None:
         ({"iss": "https://evil.example"}, "issuer"),
         ({"iss": None}, "missing-claim"),
         ({"client_id": None}, "claims"),
+        ({"client_id": "app\nforged log line"}, "claims"),
+        ({"client_id": "x" * 129}, "claims"),
         ({"scope": 42}, "claims"),
     ],
 )
