@@ -7,7 +7,9 @@ derandomized runs (the same requests every time, no example database):
 
 * valid requests (the spec's examples, then generated ones) with a key that has every scope:
   no 5xx, a documented status, content type and headers, a body that matches its schema;
-* schema-violating requests: the same, and each must be refused with a 4xx.
+* schema-violating requests: the same, and each must be refused with a 4xx;
+* requests without credentials: 401 (or the console's redirect to its sign-in page) for every
+  operation that is not public, anything else for the public ones; those answers conform too.
 
 Rate limiting is off here (hundreds of requests in seconds); 429 is tested where it is built.
 """
@@ -156,3 +158,22 @@ def test_schema_violating_requests_are_refused(api_schema: Any, label: str) -> N
 
     strategy = _operation(api_schema, label).as_strategy(generation_mode=GenerationMode.NEGATIVE)
     _run(strategy, settings(BOUNDED, max_examples=6), refused)
+
+
+@pytest.mark.parametrize("label", _operations())
+def test_without_credentials_only_public_operations_answer(api_schema: Any, label: str) -> None:
+    operation = _operation(api_schema, label)
+    public = operation.definition.raw["security"] == []
+
+    def anonymous(case: Any) -> None:
+        response = _anonymous(case).call_and_validate(checks=CHECKS)
+        if public:
+            assert response.status_code != 401
+        elif response.status_code == 303:  # the console sends a browser to its sign-in page
+            assert "303" in operation.definition.raw["responses"]
+            headers = {name.lower(): value for name, value in response.headers.items()}
+            assert headers["location"][0].endswith("/ui/login")
+        else:
+            assert response.status_code == 401
+
+    _run(operation.as_strategy(), settings(BOUNDED, max_examples=2), anonymous)
