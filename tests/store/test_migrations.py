@@ -1,0 +1,255 @@
+"""Alembic migrations on SQLite and the real PostgreSQL: head is exactly schema.py, down to base
+and up again, concurrent upgrades, adopting a pre-migration database, behind and unknown
+revisions, and writing the next revision.
+
+The comparison test is what makes a change to schema.py without a migration fail CI.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Column, Integer, Table, create_engine, inspect, make_url, text
+
+from fhirbridge import db
+from fhirbridge.store.resources import ResourceStore
+from fhirbridge.store.schema import metadata, submissions
+
+OURS = set(metadata.tables)
+
+
+@pytest.fixture
+def pg_private_url(postgres_url: str) -> Iterator[str]:
+    """A schema of its own (the session schema is shared with tests that create tables)."""
+    url = make_url(postgres_url)
+    schema = f"fhirbridge_mig_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False
+        )
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'migrations.db'}"
+    value: str = request.getfixturevalue("pg_private_url")
+    return value
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[ResourceStore]:
+    resource_store = ResourceStore.from_url(url)
+    try:
+        yield resource_store
+    finally:
+        resource_store.close()
+
+
+def _diff(store: ResourceStore) -> list[Any]:
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(context, metadata))
+
+
+def _tables(store: ResourceStore) -> set[str]:
+    return set(inspect(store.engine).get_table_names())
+
+
+def test_upgrade_head_is_exactly_schema_py(store: ResourceStore) -> None:
+    assert db.state(store).kind == "empty"
+    before, after = db.upgrade(store)
+    assert (before.kind, before.current) == ("empty", None)
+    assert (after.kind, after.current) == ("current", db.head())
+    assert _diff(store) == []
+    assert _tables(store) == OURS | {"alembic_version"}
+    if store.engine.dialect.name == "postgresql":  # in the search_path schema, not public
+        with store.engine.connect() as conn:
+            found = conn.execute(text("SELECT to_regclass('alembic_version')::text")).scalar()
+            schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+        assert schema.startswith("fhirbridge_mig_")
+        assert found == "alembic_version"  # unqualified: it is in the first search_path schema
+        assert "alembic_version" in inspect(store.engine).get_table_names(schema=schema)
+
+
+def test_upgrade_at_head_changes_nothing(store: ResourceStore) -> None:
+    db.upgrade(store)
+    before, after = db.upgrade(store)
+    assert before.at_head and after.at_head
+
+
+def test_downgrade_to_base_and_up_again(store: ResourceStore) -> None:
+    db.upgrade(store)
+    db.downgrade(store, "base")
+    assert _tables(store) <= {"alembic_version"}
+    assert db.state(store).kind == "empty"
+    db.upgrade(store)
+    assert _diff(store) == []
+
+
+def test_concurrent_upgrades_migrate_once(url: str) -> None:
+    """As gunicorn workers auto-upgrading a fresh database: one migrates, the others wait."""
+    stores = [ResourceStore.from_url(url) for _ in range(4)]
+    start = threading.Barrier(len(stores))
+    results: list[tuple[db.SchemaState, db.SchemaState]] = []
+    errors: list[BaseException] = []
+
+    def run(s: ResourceStore) -> None:
+        start.wait()
+        try:
+            results.append(db.upgrade(s))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert errors == []
+        assert sorted(before.kind for before, _ in results) == ["current"] * 3 + ["empty"]
+        assert all(after.at_head for _, after in results)
+    finally:
+        for s in stores:
+            s.close()
+
+
+# ------------------------------------------------------------- databases made by create_all
+
+
+def _legacy(store: ResourceStore) -> None:
+    """What fhirbridge did before migrations: metadata.create_all, then some data."""
+    metadata.create_all(store.engine)
+    with store.engine.begin() as conn:
+        conn.execute(
+            submissions.insert().values(
+                id="s1",
+                source="clinic-a",
+                patient_id="p1",
+                content_hash="h",
+                received_at=datetime(2026, 1, 1, tzinfo=UTC),
+                summary="{}",
+            )
+        )
+
+
+def test_pre_migration_database_is_adopted_with_its_data(store: ResourceStore) -> None:
+    _legacy(store)
+    assert db.state(store).kind == "unversioned"
+    with pytest.raises(db.SchemaNotCurrentError, match="fhirbridge db upgrade"):
+        db.ensure_current(store, auto_upgrade=False)
+    before, after = db.upgrade(store)
+    assert before.kind == "unversioned"
+    assert after.at_head
+    assert _diff(store) == []
+    with store.engine.connect() as conn:
+        assert conn.execute(submissions.select()).one().id == "s1"
+
+
+def test_pre_migration_database_that_differs_is_not_touched(store: ResourceStore) -> None:
+    _legacy(store)
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE sync_delivery"))
+        conn.execute(text("DROP INDEX ix_submission_patient_id"))
+    with pytest.raises(db.SchemaNotCurrentError) as caught:
+        db.upgrade(store)
+    message = str(caught.value)
+    assert "table sync_delivery is missing" in message
+    assert "submission: indexes differ" in message
+    assert "alembic_version" not in _tables(store)
+    assert db.state(store).kind == "unversioned"
+
+
+def test_unknown_revision_is_refused_even_with_auto_upgrade(store: ResourceStore) -> None:
+    db.upgrade(store)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    assert db.state(store).kind == "unknown"
+    with pytest.raises(db.SchemaNotCurrentError, match="9999, which this version"):
+        db.ensure_current(store, auto_upgrade=True)
+    with pytest.raises(db.SchemaNotCurrentError):
+        db.upgrade(store)
+
+
+# ------------------------------------------------------ behind head: a second revision in tmp
+
+
+SECOND = '''"""A second revision for the test."""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("probe", sa.Column("id", sa.Integer(), primary_key=True))
+
+
+def downgrade() -> None:
+    op.drop_table("probe")
+'''
+
+
+@pytest.fixture
+def two_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This version's migrations plus a 0002, as if fhirbridge had been upgraded."""
+    location = tmp_path / "migrations"
+    shutil.copytree(db.MIGRATIONS_DIR, location, ignore=shutil.ignore_patterns("__pycache__"))
+    (location / "versions" / "0002_probe.py").write_text(SECOND)
+    monkeypatch.setattr(db, "MIGRATIONS_DIR", location)
+    return location
+
+
+def test_behind_head_refuses_then_auto_upgrades(two_revisions: Path, store: ResourceStore) -> None:
+    with store.write() as conn:
+        command.upgrade(db.alembic_config(conn), "0001")
+    now = db.state(store)
+    assert (now.kind, now.current, now.head) == ("behind", "0001", "0002")
+    with pytest.raises(db.SchemaNotCurrentError) as caught:
+        db.ensure_current(store, auto_upgrade=False)
+    assert str(caught.value) == (
+        "the database is at revision 0001, this version of fhirbridge needs 0002: run "
+        "`fhirbridge db upgrade` (or set FHIRBRIDGE_DB_AUTO_UPGRADE=true)"
+    )
+    assert db.ensure_current(store, auto_upgrade=True).current == "0002"
+    assert "probe" in _tables(store)
+
+
+def test_new_revision_writes_what_schema_py_adds(tmp_path: Path) -> None:
+    location = tmp_path / "migrations"
+    shutil.copytree(db.MIGRATIONS_DIR, location, ignore=shutil.ignore_patterns("__pycache__"))
+    assert db.new_revision("nothing", script_location=location) is None
+    probe = Table("probe_extra", metadata, Column("id", Integer, primary_key=True))
+    try:
+        path = db.new_revision("add probe extra", script_location=location)
+        assert path is not None and path.name == "0002_add_probe_extra.py"
+        assert "op.create_table('probe_extra'" in path.read_text()
+        engine = create_engine("sqlite://")
+        with engine.begin() as conn:
+            command.upgrade(db.alembic_config(conn, script_location=location), "head")
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(context, metadata) == []
+        engine.dispose()
+    finally:
+        metadata.remove(probe)
