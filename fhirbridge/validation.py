@@ -220,9 +220,11 @@ def check_integrity(document: dict[str, Any], integrity: Integrity) -> list[Issu
         existing = _target_ids(document, ref["to"], None) if ref.get("where") else None
         message = ref.get("message") or f"refers to an id that is not in {ref['to']}"
         for value, where in _values(document, ref["from"]):
+            if not isinstance(value, str | int):
+                continue  # a wrong type is the schema's problem (and may be unhashable)
             if existing is not None and value not in existing:
                 continue
-            if isinstance(value, str | int) and value not in targets:
+            if value not in targets:
                 issues.append(Issue(message, (where,), code="not-found"))
     for order in integrity.order:
         for item, where in _values(document, order["each"]):

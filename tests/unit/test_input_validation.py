@@ -229,3 +229,10 @@ def test_fast_path_never_accepts_what_the_full_validator_rejects(
 
 def test_fast_path_accepts_the_fixture() -> None:
     assert _fast_and_full(GOOD) == (True, True)
+
+
+@pytest.mark.parametrize("value", [{}, [], {"id": "s-med-1"}, ["s-med-1"]])
+def test_a_reference_of_the_wrong_type_is_a_schema_problem_not_a_crash(value: Any) -> None:
+    # Found by Schemathesis: a filtered reference rule looked an object up in a set (500).
+    problems = _problems(lambda d: d["doses"][0].update(sessionId=value))
+    assert [p for p in problems if p[0] == "doses[0].sessionId"]
