@@ -17,11 +17,16 @@ __all__ = ["Settings", "create_app"]
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Application factory (gunicorn: ``fhirbridge:create_app()``)."""
+    from fhirbridge import audit, ui
     from fhirbridge.api import docs as docs_api
-    from fhirbridge.api import fhir, health, problems, submissions, terminology, validate
+    from fhirbridge.api import fhir, health, problems, ratelimit, submissions, terminology, validate
+    from fhirbridge.api import metrics as metrics_api
     from fhirbridge.api import sync as sync_api
     from fhirbridge.api.http import Services
+    from fhirbridge.auth import init_app as init_auth
+    from fhirbridge.db import ensure_current
     from fhirbridge.fhir.validate import OutputValidator
+    from fhirbridge.logs import init_app as init_logs
     from fhirbridge.mapping.pack import load_pack
     from fhirbridge.store.resources import ResourceStore
     from fhirbridge.sync.outbox import Outbox
@@ -33,11 +38,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     pack = load_pack(settings.mappings_dir)
     targets = load_targets(settings.targets) if settings.targets else []
     store = ResourceStore.from_url(settings.database_url)
-    store.create_schema()
+    try:  # refuse a database behind this version's migrations (SchemaNotCurrentError)
+        ensure_current(store, auto_upgrade=settings.db_auto_upgrade)
+    except BaseException:
+        store.close()
+        raise
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # The first before_request hook: every later hook and view sees the authenticated caller.
+    init_auth(app, settings)
     app.extensions["fhirbridge"] = Services(
         settings=settings,
         pack=pack,
@@ -55,9 +66,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     validate.init_app(app)
     docs_api.init_app(app)
     sync_api.init_app(app, targets)
+    # One AuditEvent per submission, FHIR read and search, after its response is computed.
+    audit.init_app(app)
+    ui.init_app(app, settings)
     app.extensions.setdefault(fhir.CAPABILITY_EXTENSIONS, []).append(
         terminology.conceptmap_capability()
     )
+    # After the auth hook (the limit is per authenticated client) and every blueprint.
+    ratelimit.init_app(app, settings)
+    # Last: its timing hooks wrap every other hook (see fhirbridge/api/metrics.py).
+    metrics_api.init_app(app)
+    # After metrics: the request id is set before every other hook (auth's refusals carry it)
+    # and the access line is written after every other after_request hook.
+    init_logs(app, settings)
     return app
 
 

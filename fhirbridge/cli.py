@@ -1,7 +1,8 @@
-"""The `fhirbridge` console script: serve | map | mappings validate."""
+"""The `fhirbridge` console script: serve, worker, map, validate, mappings, sync, db, config."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import orjson
 
 from fhirbridge.errors import FhirbridgeError, MappingConfigError
 from fhirbridge.settings import Settings
+
+log = logging.getLogger("fhirbridge.cli")
 
 
 def _emit(obj: Any) -> None:
@@ -37,6 +40,23 @@ def _load_pack(directory: Path | None) -> Any:
 @click.version_option(package_name="fhirbridge")
 def main() -> None:
     """fhirbridge: MDMA-assisted psychotherapy records in, validated FHIR R4 out."""
+    _configure_logging()
+
+
+def _configure_logging() -> None:
+    """Every command logs through fhirbridge.logs: FHIRBRIDGE_LOG_LEVEL, FHIRBRIDGE_LOG_FORMAT."""
+    from fhirbridge import logs
+
+    try:
+        settings = Settings()
+    except ValueError:  # pydantic's ValidationError: the command reports it when it reads them
+        logs.configure()
+        return
+    try:
+        logs.configure(settings.log_level, settings.log_format)
+    except ValueError as exc:  # an unknown FHIRBRIDGE_LOG_LEVEL
+        click.echo(f"FHIRBRIDGE_LOG_LEVEL: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 @main.command()
@@ -54,11 +74,14 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
     """Serve the HTTP API with gunicorn (database: FHIRBRIDGE_DATABASE_URL, default SQLite)."""
     from gunicorn.app.base import BaseApplication
 
-    from fhirbridge import create_app
+    from fhirbridge import create_app, logs
+    from fhirbridge.auth import AuthConfigError
+    from fhirbridge.db import SchemaNotCurrentError
 
+    _check_bind(host, port)
     try:
         app = create_app()
-    except MappingConfigError as exc:
+    except (MappingConfigError, SchemaNotCurrentError, AuthConfigError) as exc:
         click.echo(str(exc), err=True)
         raise SystemExit(2) from None
 
@@ -66,25 +89,103 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
         def load_config(self) -> None:
             self.cfg.set("bind", f"{host}:{port}")
             self.cfg.set("workers", workers)
-            self.cfg.set("accesslog", None)
+            self.cfg.set("accesslog", None)  # fhirbridge.access logs each request instead
+            # gunicorn's own error log as JSON lines through the root handler (fhirbridge.logs)
+            self.cfg.set("logger_class", logs.GunicornLogger)
+            self.cfg.set("loglevel", Settings().log_level.lower())
 
         def load(self) -> Any:
             return app
 
-    click.echo(f"fhirbridge serving on http://{host}:{port} (FHIR API at /fhir)", err=True)
+    log.info("fhirbridge serving on http://%s:%d (FHIR API at /fhir)", host, port)
     settings = Settings()
     sync = None
     if settings.targets and with_worker:
         # The embedded default runs one sync worker beside the server: its own process, so it
         # neither shares connections across gunicorn's fork nor stops when a web worker does.
         sync = subprocess.Popen([sys.executable, "-m", "fhirbridge.cli", "worker"])
-        click.echo(f"sync worker started (pid {sync.pid})", err=True)
+        log.info("sync worker started (pid %d)", sync.pid)
     try:
         _Server().run()
     finally:
         if sync is not None:
             sync.terminate()
             sync.wait(timeout=30)
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Authentication may be off only on loopback: exit 2 otherwise, warn loudly if it is off."""
+    from fhirbridge.auth import BindRefused, auth_configured, check_bind
+
+    bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        warning = check_bind([bind], auth_configured(Settings()))
+    except BindRefused as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    if warning:
+        click.echo(warning, err=True)
+        log.warning("authentication is off: every caller gets every scope (loopback %s)", bind)
+
+
+@main.group()
+def auth() -> None:
+    """Inbound API keys: make a key, or hash one you have, for FHIRBRIDGE_AUTH_API_KEYS."""
+
+
+def _key_options(command: Any) -> Any:
+    from fhirbridge.api.access import SCOPES
+
+    command = click.option(
+        "--scope",
+        "scopes",
+        multiple=True,
+        required=True,
+        type=click.Choice(SCOPES),
+        help="A scope the key grants (repeat for several).",
+    )(command)
+    return click.option(
+        "--client-id",
+        required=True,
+        help="Who holds the key (logged and audited; A-Z a-z 0-9 . _ -).",
+    )(command)
+
+
+def _key_entry(key: str, client_id: str, scopes: tuple[str, ...]) -> dict[str, Any]:
+    from fhirbridge.auth.apikeys import entry
+
+    try:
+        return entry(key, client_id, scopes)
+    except ValueError:
+        click.echo(
+            "error: not a key (fbk_...) or --client-id is not 1-64 of A-Z a-z 0-9 . _ -", err=True
+        )
+        raise SystemExit(2) from None
+
+
+@auth.command("new-key")
+@_key_options
+def auth_new_key(client_id: str, scopes: tuple[str, ...]) -> None:
+    """Print a new API key (once: only its hash is kept) and its FHIRBRIDGE_AUTH_API_KEYS entry.
+
+    stdout: line 1 the key, line 2 the JSON entry. Add the entry to the JSON array in
+    FHIRBRIDGE_AUTH_API_KEYS (several entries per client are fine: rotation).
+    """
+    from fhirbridge.auth.apikeys import new_key
+
+    key = new_key()
+    item = _key_entry(key, client_id, scopes)
+    click.echo(f"API key for {client_id} (shown once, store it now), then its entry:", err=True)
+    click.echo(key)
+    click.echo(orjson.dumps(item).decode())
+
+
+@auth.command("hash-key")
+@_key_options
+def auth_hash_key(client_id: str, scopes: tuple[str, ...]) -> None:
+    """Read an API key from stdin and print its FHIRBRIDGE_AUTH_API_KEYS entry."""
+    key = sys.stdin.read().strip()
+    click.echo(orjson.dumps(_key_entry(key, client_id, scopes)).decode())
 
 
 @main.command()
@@ -107,7 +208,7 @@ def worker(once: bool) -> None:
         click.echo(str(exc), err=True)
         raise SystemExit(2) from None
     store = ResourceStore.from_url(settings.database_url)
-    store.create_schema()
+    _check_schema(store, settings)
     runner = Worker(
         store,
         Outbox(store, routes(targets)),
@@ -116,14 +217,33 @@ def worker(once: bool) -> None:
     )
     if once:
         handled = runner.run_once()
-        click.echo(f"{handled} deliveries handled", err=True)
+        log.info("%d deliveries handled", handled)
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    click.echo(f"sync worker {runner.owner}: {len(targets)} target(s)", err=True)
+    log.info("sync worker %s: %d target(s)", runner.owner, len(targets))
     runner.run(stop, idle_seconds=settings.worker_idle_seconds)
     store.close()
+
+
+def _check_schema(store: Any, settings: Settings) -> None:
+    """Exit 2 (saying what to run) unless the store's database is at the latest migration;
+    under FHIRBRIDGE_DB_AUTO_UPGRADE it is upgraded first. Unreachable: exit 1."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fhirbridge.db import SchemaNotCurrentError, ensure_current
+
+    try:
+        ensure_current(store, auto_upgrade=settings.db_auto_upgrade)
+    except SchemaNotCurrentError as exc:
+        store.close()
+        click.echo(str(exc), err=True)
+        raise SystemExit(2) from None
+    except SQLAlchemyError as exc:
+        store.close()
+        click.echo(f"cannot read the database: {type(exc).__name__}", err=True)
+        raise SystemExit(1) from None
 
 
 @main.command("map")
@@ -470,6 +590,7 @@ def _sync_outbox(targets: list[Any]) -> Any:
     if not has_ledger:
         store.close()
         return None
+    _check_schema(store, Settings())
     return Outbox(store, routes(targets))
 
 
@@ -747,6 +868,98 @@ def _sync_versions(store: Any, resources: list[dict[str, Any]]) -> dict[tuple[st
         key: version if same or (key[0] == "Provenance" and not changed) else str(int(version) + 1)
         for key, (version, same) in stored.items()
     }
+
+
+@main.group()
+def db() -> None:
+    """Database schema migrations (Alembic): upgrade, current, check."""
+
+
+def _db_run(action: Any) -> Any:
+    """Run `action(store)` on the configured database; a database error exits 1 (its type
+    only: the URL may hold a password), a schema that cannot be brought to head exits 1."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fhirbridge.db import SchemaNotCurrentError
+    from fhirbridge.store.resources import ResourceStore
+
+    store = ResourceStore.from_url(Settings().database_url)
+    try:
+        return action(store)
+    except SchemaNotCurrentError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(1) from None
+    except SQLAlchemyError as exc:
+        click.echo(f"cannot use the database: {type(exc).__name__}", err=True)
+        raise SystemExit(1) from None
+    finally:
+        store.close()
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration (once per release, before the new version serves).
+
+    A database created before migrations existed is adopted first when its tables are the
+    expected ones. Safe to run from several places at once: one migrates, the others wait.
+    """
+    from fhirbridge.db import upgrade
+
+    before, after = _db_run(upgrade)
+    if before.at_head:
+        click.echo(f"database already at {after.head} (head)", err=True)
+    elif before.kind == "unversioned":
+        click.echo(f"adopted the pre-migration database; upgraded to {after.current} (head)")
+    else:
+        click.echo(f"upgraded from {before.current or 'empty'} to {after.current} (head)")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the database's revision ('none' without migration history); stderr says more."""
+    from fhirbridge.db import state
+
+    now = _db_run(state)
+    click.echo(now.current or "none")
+    click.echo(now.describe(), err=True)
+
+
+@db.command("check")
+def db_check() -> None:
+    """Exit 0 when the database is at the latest migration, 1 otherwise (say why on stderr)."""
+    from fhirbridge.db import state
+
+    now = _db_run(state)
+    click.echo(now.describe(), err=True)
+    if not now.at_head:
+        raise SystemExit(1)
+
+
+@db.command("revision")
+@click.option("-m", "--message", required=True, help="What the schema change is and why.")
+def db_revision(message: str) -> None:
+    """Developers: write the next migration from what fhirbridge/store/schema.py adds (review
+    it before committing: autogenerate cannot see renames)."""
+    from fhirbridge.db import new_revision
+
+    path = new_revision(message)
+    if path is None:
+        click.echo("schema.py and the latest migration agree: nothing to write", err=True)
+        raise SystemExit(1)
+    click.echo(str(path))
+
+
+@main.group()
+def config() -> None:
+    """The service's configuration (FHIRBRIDGE_* environment variables)."""
+
+
+@config.command("reference")
+def config_reference() -> None:
+    """Print every setting as a markdown table: env var, default, meaning (README copy)."""
+    from fhirbridge.configref import markdown_table
+
+    click.echo(markdown_table(), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

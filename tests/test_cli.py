@@ -76,6 +76,14 @@ def _free_port() -> int:
 def test_serve_starts_on_sqlite_and_answers(tmp_path: Path) -> None:
     port = _free_port()
     env = {**os.environ, "FHIRBRIDGE_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}"}
+    # The README's order: migrate, then serve (serve refuses a database behind head).
+    subprocess.run(
+        [sys.executable, "-m", "fhirbridge.cli", "db", "upgrade"],
+        env=env,
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "fhirbridge.cli", "serve", "--port", str(port), "--workers", "1"],
         env=env,

@@ -235,7 +235,7 @@ def test_service_runs_on_the_redcap_pack_through_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FHIRBRIDGE_MAPPINGS_DIR", str(EXAMPLES / "redcap"))
-    settings = Settings(database_url="sqlite://")
+    settings = Settings(database_url="sqlite://", db_auto_upgrade=True)
     assert settings.mappings_dir == EXAMPLES / "redcap"
     app = create_app(settings)
     doc = _load(REDCAP_DOC)

@@ -95,7 +95,12 @@ def service(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The service on the same database and targets, with the fixture submitted."""
     monkeypatch.setenv("SYNC_CLI_TOKEN", SECRET)
     app = create_app(
-        Settings(database_url=env.database_url, mappings_dir=ROOT / "mappings", targets=env.targets)
+        Settings(
+            database_url=env.database_url,
+            mappings_dir=ROOT / "mappings",
+            targets=env.targets,
+            db_auto_upgrade=True,
+        )
     )
     with app.test_client() as client:
         resp = client.post(

@@ -30,7 +30,9 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
+from fhirbridge import audit
 from fhirbridge.api.access import FHIR_READ, SYNC_ADMIN, public, requires
+from fhirbridge.api.body import read_form
 from fhirbridge.api.http import FHIR_JSON, services
 from fhirbridge.errors import (
     BadRequestError,
@@ -54,6 +56,8 @@ __all__ = ["NotAcceptableError", "bp", "capability_statement", "init_app"]
 
 # The audit trail is for ops, not for every reader of clinical data.
 AUDIT = {"AuditEvent": SYNC_ADMIN}
+# $everything answers fhir.read callers: never with a type that needs more than fhir.read.
+_EVERYTHING_TYPES = frozenset(PARAMS) - AUDIT.keys()
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
@@ -243,6 +247,7 @@ def metadata() -> Response:
 
 def _resource_response(stored: StoredVersion) -> Response:
     assert stored.json is not None
+    audit.note([stored])
     response = _fhir(stored.json)
     response.set_etag(stored.version_id, weak=True)
     response.last_modified = stored.last_modified
@@ -255,6 +260,7 @@ def _resource_response(stored: StoredVersion) -> Response:
 
 @bp.get("/<rtype>/<rid>")
 @requires(FHIR_READ, by_type=AUDIT)
+@audit.audited("read", "R")
 def read(rtype: str, rid: str) -> Response:
     """GET /fhir/{type}/{id}: the current version; 304 when If-None-Match matches."""
     _check_type(rtype)
@@ -264,6 +270,7 @@ def read(rtype: str, rid: str) -> Response:
 
 @bp.get("/<rtype>/<rid>/_history/<vid>")
 @requires(FHIR_READ, by_type=AUDIT)
+@audit.audited("vread", "R")
 def vread(rtype: str, rid: str, vid: str) -> Response:
     """GET /fhir/{type}/{id}/_history/{vid}."""
     _check_type(rtype)
@@ -278,11 +285,13 @@ _HISTORY_STATUS = {"created": ("PUT", "201 Created"), "updated": ("PUT", "200 OK
 
 @bp.get("/<rtype>/<rid>/_history")
 @requires(FHIR_READ, by_type=AUDIT)
+@audit.audited("history-instance", "R")
 def history(rtype: str, rid: str) -> Response:
     """GET /fhir/{type}/{id}/_history: a history Bundle, newest version first."""
     _check_type(rtype)
     _check_id(rid)
     versions = services().store.history_stored(rtype, rid)
+    audit.note(v for v in versions if v.json is not None)
     base = _base_url()
     entries: list[dict[str, Any]] = []
     for v in versions:
@@ -377,6 +386,9 @@ def _search(rtype: str, items: list[tuple[str, str]]) -> Response:
         reserved=_RESERVED,
     )
     page = services().store.search(rtype, query)
+    audit.note(
+        page.entries, query_type=rtype, parameters=(n for n, _ in query.used), total=page.total
+    )
     base = _base_url()
     links = _paging_links(base, rtype, query, page.total)
     return _fhir(_searchset(base, links, page.total, page.entries))
@@ -384,6 +396,7 @@ def _search(rtype: str, items: list[tuple[str, str]]) -> Response:
 
 @bp.get("/<rtype>")
 @requires(FHIR_READ, by_type=AUDIT)
+@audit.audited("search-type", "E")
 def search(rtype: str) -> Response:
     """GET /fhir/{type}?params: a searchset Bundle."""
     return _search(rtype, list(request.args.items(multi=True)))
@@ -391,6 +404,7 @@ def search(rtype: str) -> Response:
 
 @bp.post("/<rtype>/_search")
 @requires(FHIR_READ, by_type=AUDIT)
+@audit.audited("search-type", "E")
 def search_post(rtype: str) -> Response:
     """POST /fhir/{type}/_search with an application/x-www-form-urlencoded body (the URL's
     query parameters, if any, are added)."""
@@ -405,7 +419,7 @@ def search_post(rtype: str) -> Response:
                 )
             ],
         )
-    items = list(request.args.items(multi=True)) + list(request.form.items(multi=True))
+    items = list(request.args.items(multi=True)) + read_form()
     return _search(rtype, items)
 
 
@@ -414,7 +428,7 @@ def search_post(rtype: str) -> Response:
 
 def _everything_types(raw: str) -> set[str]:
     types = {t.strip() for t in raw.split(",") if t.strip()}
-    if not types or not types <= set(PARAMS):
+    if not types or not types <= _EVERYTHING_TYPES:
         raise BadRequestError(
             "invalid _type",
             [Issue("_type must list supported resource types, comma-separated", code="invalid")],
@@ -435,6 +449,7 @@ def _everything_since(raw: str) -> datetime:
 
 @bp.get("/Patient/<rid>/$everything")
 @requires(FHIR_READ)
+@audit.audited("operation", "E")
 def everything(rid: str) -> Response:
     """GET /fhir/Patient/{id}/$everything (optional _type, _since): the Patient, its
     compartment (mode match) and the Practitioners/Medications referenced (mode include)."""
@@ -460,7 +475,15 @@ def everything(rid: str) -> Response:
                 for n in unknown
             ],
         )
-    result = services().store.everything_stored(rid, types=types, since=since)
+    result = services().store.everything_stored(
+        rid, types=_EVERYTHING_TYPES if types is None else types, since=since
+    )
+    audit.note(
+        (*result.matches, *result.included),
+        query_type="Patient",
+        parameters=(n for n, _ in used),
+        total=len(result.matches),
+    )
     base = _base_url()
     self_url = f"{base}/Patient/{rid}/$everything"
     if used:

@@ -18,7 +18,7 @@ _HTTP_ISSUE_CODES = {
     404: "not-found",
     405: "not-supported",
     406: "not-supported",
-    413: "too-costly",
+    413: "too-long",
     415: "not-supported",
     429: "throttled",
 }
@@ -27,7 +27,7 @@ _HTTP_ISSUE_CODES = {
 def _fhir_error(err: FhirbridgeError) -> Response:
     if err.http_status >= 500:
         log.error("internal error", extra={"error_code": err.code})
-    return fhir_response(err.outcome(), err.http_status)
+    return fhir_response(err.outcome(), err.http_status, dict(err.headers) or None)
 
 
 def _http_error(err: HTTPException) -> Response:
@@ -37,8 +37,12 @@ def _http_error(err: HTTPException) -> Response:
         code=_HTTP_ISSUE_CODES.get(status, "exception" if status >= 500 else "invalid"),
     )
     resp = fhir_response(operation_outcome([issue]), status)
-    if status == 405 and err.get_response().headers.get("Allow"):
-        resp.headers["Allow"] = err.get_response().headers["Allow"]
+    # Allow (405) and Retry-After (429, 503: werkzeug's retry_after, or the response that
+    # Flask-Limiter's on_breach hook puts in RateLimitExceeded) tell the client what to do next.
+    carried = err.get_response().headers
+    for name in ("Allow", "Retry-After"):
+        if carried.get(name):
+            resp.headers[name] = carried[name]
     return resp
 
 

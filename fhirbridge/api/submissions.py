@@ -5,39 +5,21 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from flask import Blueprint, Flask, Response, request
+from sqlalchemy import Connection
 
+from fhirbridge import audit
 from fhirbridge.api.access import SUBMISSIONS_WRITE, requires
+from fhirbridge.api.body import read_json_body
 from fhirbridge.api.http import fhir_response, json_response, services
+from fhirbridge.api.metrics import counts_submission
 from fhirbridge.api.sync import delivery_view
-from fhirbridge.errors import (
-    BadRequestError,
-    Issue,
-    NotFoundError,
-    UnsupportedMediaTypeError,
-)
+from fhirbridge.errors import BadRequestError, NotFoundError
 from fhirbridge.fhir.bundle import transaction_bundle
 from fhirbridge.pipeline import summary, transform
+from fhirbridge.store.resources import SaveResult
 
 bp = Blueprint("submissions", __name__, url_prefix="/api/v1")
-
-_JSON_TYPES = frozenset({"application/json", "application/fhir+json"})
-
-
-def read_json_body() -> Any:
-    """The request body as JSON, or a 415 / 400 OperationOutcome (never the body's content)."""
-    if request.mimetype not in _JSON_TYPES:
-        raise UnsupportedMediaTypeError()
-    raw = request.get_data(cache=False)
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        # orjson's message quotes part of the document: report only the position.
-        raise BadRequestError(
-            "malformed JSON",
-            [Issue(f"malformed JSON at line {exc.lineno}, column {exc.colno}", code="structure")],
-        ) from None
 
 
 def _flag(name: str) -> bool:
@@ -64,6 +46,8 @@ def _now() -> datetime:
 
 @bp.post("/submissions")
 @requires(SUBMISSIONS_WRITE)
+@audit.audited("create", "C")  # accepted: written by on_saved below; refused: by the hook
+@counts_submission
 def create_submission() -> Response:
     """Validate, map, validate output, store; 201 when anything changed, 200 when nothing did."""
     document = read_json_body()
@@ -78,6 +62,13 @@ def create_submission() -> Response:
         now=now,
     )
     body = summary(result)
+
+    def on_saved(conn: Connection, saved: SaveResult) -> None:
+        # Queued for every configured target, and audited, in the same transaction as the
+        # resources.
+        svc.outbox.enqueue(conn, saved, patient_ref=_patient_ref(result.resources), now=now)
+        audit.record_submission(conn, saved, now=now)
+
     saved = svc.store.save_submission(
         submission_id=result.submission_id,
         source=result.source,
@@ -86,10 +77,7 @@ def create_submission() -> Response:
         resources=result.resources,
         summary=body,
         now=now,
-        # Queued for every configured target in the same transaction as the resources.
-        on_saved=lambda conn, saved: svc.outbox.enqueue(
-            conn, saved, patient_ref=_patient_ref(result.resources), now=now
-        ),
+        on_saved=on_saved,
     )
     status = 201 if saved.changed else 200
     headers = {"Location": f"{request.root_path}/api/v1/submissions/{result.submission_id}"}
@@ -110,11 +98,14 @@ def create_submission() -> Response:
 
 @bp.get("/submissions/<submission_id>")
 @requires(SUBMISSIONS_WRITE)
+@audit.audited("read", "R")
 def get_submission(submission_id: str) -> Response:
     """The stored summary of an accepted submission."""
     found = services().store.get_submission(submission_id)
     if found is None:
         raise NotFoundError("no submission with this id")
+    produced = _produced(found["summary"])
+    audit.note((audit.Ref(t, i) for t, i in produced), submission_id=found["id"])
     received = found["received_at"]
     return json_response(
         {
@@ -123,7 +114,7 @@ def get_submission(submission_id: str) -> Response:
             "receivedAt": received.isoformat() if isinstance(received, datetime) else received,
             "summary": found["summary"],
             # Per target, where each resource the submission produced stands (its latest version).
-            "delivery": delivery_view(_produced(found["summary"])),
+            "delivery": delivery_view(produced),
         }
     )
 
@@ -142,6 +133,7 @@ def _produced(stored_summary: Any) -> list[tuple[str, str]]:
 
 @bp.post("/$transform")
 @requires(SUBMISSIONS_WRITE)
+@audit.audited("operation", "E")
 def transform_only() -> Response:
     """Same input as /submissions; nothing stored. `?trace=true` adds the rule of every element."""
     document = read_json_body()

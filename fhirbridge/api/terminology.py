@@ -37,7 +37,9 @@ from urllib.parse import urlencode
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 
+from fhirbridge import audit
 from fhirbridge.api.access import FHIR_READ, requires
+from fhirbridge.api.body import read_form
 from fhirbridge.api.fhir import _base_url, _negotiate, _strict
 from fhirbridge.api.http import FHIR_JSON
 from fhirbridge.errors import (
@@ -333,6 +335,12 @@ def _search(items: Sequence[tuple[str, str]]) -> Response:
     query = _parse(items, _strict())
     matches = [r for r in conceptmaps().resources if all(m(r) for m in query.matchers)]
     page = matches[query.offset : query.offset + query.count] if query.count else []
+    audit.note(
+        (audit.Ref(RESOURCE_TYPE, r["id"]) for r in page),
+        query_type=RESOURCE_TYPE,
+        parameters=(n for n, _ in query.used),
+        total=len(matches),
+    )
     base = _base_url()
     bundle = searchset_bundle(
         page, base_url=base, total=len(matches), links=_paging_links(base, query, len(matches))
@@ -348,6 +356,7 @@ def _search(items: Sequence[tuple[str, str]]) -> Response:
 
 @bp.get(f"/{RESOURCE_TYPE}")
 @requires(FHIR_READ)
+@audit.audited("search-type", "E")
 def search() -> Response:
     """GET /fhir/ConceptMap?params: a searchset Bundle."""
     return _search(list(request.args.items(multi=True)))
@@ -355,6 +364,7 @@ def search() -> Response:
 
 @bp.post(f"/{RESOURCE_TYPE}/_search")
 @requires(FHIR_READ)
+@audit.audited("search-type", "E")
 def search_post() -> Response:
     """POST /fhir/ConceptMap/_search, application/x-www-form-urlencoded (URL parameters too)."""
     if request.mimetype != "application/x-www-form-urlencoded":
@@ -367,7 +377,7 @@ def search_post() -> Response:
                 )
             ],
         )
-    items = list(request.args.items(multi=True)) + list(request.form.items(multi=True))
+    items = list(request.args.items(multi=True)) + read_form()
     return _search(items)
 
 
@@ -376,9 +386,11 @@ def search_post() -> Response:
 
 @bp.get(f"/{RESOURCE_TYPE}/<rid>")
 @requires(FHIR_READ)
+@audit.audited("read", "R")
 def read(rid: str) -> Response:
     """GET /fhir/ConceptMap/{id}."""
     body = conceptmaps().json_by_id.get(rid)
     if body is None:
         raise NotFoundError("resource not found")
+    audit.note([audit.Ref(RESOURCE_TYPE, rid)])
     return _fhir(body)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -248,6 +250,21 @@ def _retryable(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
 
 
+def _set_wal(cursor: Any) -> None:
+    """PRAGMA journal_mode=WAL, retried while the file is locked: switching a new database file
+    to WAL does not wait on busy_timeout, so processes opening it together (gunicorn workers
+    migrating a fresh volume) would fail with "database is locked". Once WAL, it is a no-op."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _configure_sqlite(engine: Engine, *, memory: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -258,7 +275,7 @@ def _configure_sqlite(engine: Engine, *, memory: bool) -> None:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             if not memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _set_wal(cursor)
                 cursor.execute("PRAGMA synchronous=NORMAL")
         finally:
             cursor.close()
@@ -290,7 +307,10 @@ class ResourceStore:
             # No server-side prepared statements: a generic plan cannot know how selective
             # a search value is, and picks index-order scans that read whole tables.
             engine = create_engine(
-                parsed, pool_pre_ping=True, connect_args={"prepare_threshold": None}
+                parsed,
+                pool_pre_ping=True,
+                hide_parameters=True,  # bound values are patient data: never in logs or errors
+                connect_args={"prepare_threshold": None},
             )
             return cls(engine)
         if backend == "sqlite":
@@ -299,10 +319,13 @@ class ResourceStore:
             )
             if memory:
                 engine = create_engine(
-                    parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}
+                    parsed,
+                    poolclass=StaticPool,
+                    hide_parameters=True,
+                    connect_args={"check_same_thread": False},
                 )
             else:
-                engine = create_engine(parsed)
+                engine = create_engine(parsed, hide_parameters=True)
             _configure_sqlite(engine, memory=memory)
             return cls(engine)
         raise ValueError(f"unsupported database backend: {backend!r} (use sqlite or postgresql)")
@@ -313,8 +336,11 @@ class ResourceStore:
         return self._engine
 
     def create_schema(self) -> None:
-        """Create the tables and indexes that do not exist yet."""
-        metadata.create_all(self._engine)
+        """Bring the schema to the latest Alembic migration (tests, benchmarks; the service
+        and the CLI check or upgrade it through fhirbridge.db)."""
+        from fhirbridge.db import upgrade
+
+        upgrade(self)
 
     def ping(self) -> bool:
         """True when the database answers a trivial query (errors are logged by type only)."""

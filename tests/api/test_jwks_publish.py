@@ -42,6 +42,7 @@ def test_jwks_lists_the_smart_targets_public_keys_only(tmp_path: Path, monkeypat
             database_url="sqlite://",
             mappings_dir=ROOT / "mappings",
             targets=tmp_path / "targets.yaml",
+            db_auto_upgrade=True,
         )
     )
     resp = app.test_client().get("/.well-known/jwks.json")

@@ -22,7 +22,11 @@ LOINC_HR = "http://loinc.org|8867-4"
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[FlaskClient]:
     app = create_app(
-        Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", mappings_dir=ROOT / "mappings")
+        Settings(
+            database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+            mappings_dir=ROOT / "mappings",
+            db_auto_upgrade=True,
+        )
     )
     with app.test_client() as test_client:
         yield test_client
@@ -218,7 +222,8 @@ def test_unknown_route_and_method_are_operation_outcomes(client: FlaskClient) ->
 def test_health(client: FlaskClient) -> None:
     assert client.get("/healthz").json == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json["checks"] == {"database": True, "mappings": True}
+    assert ready.status_code == 200
+    assert ready.json["checks"] == {"database": True, "mappings": True, "migrations": True}
 
 
 def test_routes_match_openapi() -> None:
@@ -227,7 +232,9 @@ def test_routes_match_openapi() -> None:
     import yaml
 
     spec = yaml.safe_load((ROOT / "openapi.yaml").read_text())
-    app = create_app(Settings(database_url="sqlite://", mappings_dir=ROOT / "mappings"))
+    app = create_app(
+        Settings(database_url="sqlite://", mappings_dir=ROOT / "mappings", db_auto_upgrade=True)
+    )
     routes = set()
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":

@@ -64,6 +64,7 @@ def app_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flas
             database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
             mappings_dir=ROOT / "mappings",
             targets=targets,
+            db_auto_upgrade=True,
         )
     )
     with app.test_client() as client:
@@ -266,7 +267,11 @@ def test_submission_shows_delivery_per_target_and_resource(app_client: FlaskClie
 
 def test_without_targets_status_is_empty(tmp_path: Path) -> None:
     app = create_app(
-        Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", mappings_dir=ROOT / "mappings")
+        Settings(
+            database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+            mappings_dir=ROOT / "mappings",
+            db_auto_upgrade=True,
+        )
     )
     try:
         with app.test_client() as client:

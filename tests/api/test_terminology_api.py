@@ -34,7 +34,9 @@ TERMS_URL = "urn:fhirbridge:ConceptMap:adverse-event-terms"
 
 
 def _app() -> Flask:
-    app = create_app(Settings(database_url="sqlite://", mappings_dir=ROOT / "mappings"))
+    app = create_app(
+        Settings(database_url="sqlite://", mappings_dir=ROOT / "mappings", db_auto_upgrade=True)
+    )
     if "terminology" not in app.blueprints:  # until create_app registers it
         terminology.init_app(app)
     return app
@@ -250,7 +252,11 @@ def test_an_unknown_term_is_counted_kept_as_text_and_never_coded(tmp_path: Path)
     doc = copy.deepcopy(DOC)
     doc["adverseEvents"][1]["term"] = "jaw-clenching"  # replaces muscle-tightness
     app = create_app(
-        Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", mappings_dir=ROOT / "mappings")
+        Settings(
+            database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+            mappings_dir=ROOT / "mappings",
+            db_auto_upgrade=True,
+        )
     )
     if "terminology" not in app.blueprints:
         terminology.init_app(app)

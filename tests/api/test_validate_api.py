@@ -28,7 +28,11 @@ NO_ISSUES = {
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlaskClient]:
     db = tmp_path_factory.mktemp("validate") / "db.sqlite"
-    app = create_app(Settings(database_url=f"sqlite:///{db}", mappings_dir=ROOT / "mappings"))
+    app = create_app(
+        Settings(
+            database_url=f"sqlite:///{db}", mappings_dir=ROOT / "mappings", db_auto_upgrade=True
+        )
+    )
     if "validate" not in app.blueprints:  # until create_app registers it
         validate.init_app(app)
     with app.test_client() as test_client:

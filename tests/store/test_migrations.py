@@ -1,6 +1,7 @@
 """Alembic migrations on SQLite and the real PostgreSQL: head is exactly schema.py, down to base
 and up again, concurrent upgrades, adopting a pre-migration database, behind and unknown
-revisions, and writing the next revision.
+revisions, writing the next revision; the start-up refusal, `fhirbridge db`, and /readyz when
+the database is behind.
 
 The comparison test is what makes a change to schema.py without a migration fail CI.
 """
@@ -8,6 +9,7 @@ The comparison test is what makes a change to schema.py without a migration fail
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -19,12 +21,16 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from click.testing import CliRunner
 from sqlalchemy import Column, Integer, Table, create_engine, inspect, make_url, text
 
-from fhirbridge import db
+from fhirbridge import create_app, db
+from fhirbridge.cli import main
+from fhirbridge.settings import Settings
 from fhirbridge.store.resources import ResourceStore
 from fhirbridge.store.schema import metadata, submissions
 
+ROOT = Path(__file__).resolve().parents[2]
 OURS = set(metadata.tables)
 
 
@@ -130,6 +136,26 @@ def test_concurrent_upgrades_migrate_once(url: str) -> None:
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_new_sqlite_file_being_written_is_waited_for(tmp_path: Path) -> None:
+    """Switching a new file to WAL ignores busy_timeout: a second process opening it while the
+    first migrates must wait, not fail with 'database is locked' (gunicorn workers, one volume)."""
+    path = tmp_path / "fresh.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE other (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    release = threading.Timer(0.3, writer.execute, args=("COMMIT",))
+    release.start()
+    store = ResourceStore.from_url(f"sqlite:///{path}")
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        release.join()
+        writer.close()
+        store.close()
 
 
 # ------------------------------------------------------------- databases made by create_all
@@ -253,3 +279,118 @@ def test_new_revision_writes_what_schema_py_adds(tmp_path: Path) -> None:
         engine.dispose()
     finally:
         metadata.remove(probe)
+
+
+# ------------------------------------------------------------------ the app and the command
+
+
+def _settings(database_url: str, **kw: Any) -> Settings:
+    return Settings(database_url=database_url, mappings_dir=ROOT / "mappings", **kw)
+
+
+def test_app_refuses_a_database_behind_head_unless_auto_upgrade(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'app.db'}"
+    with pytest.raises(db.SchemaNotCurrentError, match="no fhirbridge tables yet"):
+        create_app(_settings(database_url))
+    app = create_app(_settings(database_url, db_auto_upgrade=True))
+    app.extensions["fhirbridge"].store.close()
+    app = create_app(_settings(database_url))  # at head now: starts without upgrading
+    app.extensions["fhirbridge"].store.close()
+
+
+def test_in_memory_app_is_migrated_on_its_own_connection() -> None:
+    app = create_app(_settings("sqlite://", db_auto_upgrade=True))
+    store = app.extensions["fhirbridge"].store
+    assert db.state(store).at_head
+    with app.test_client() as client:
+        fixture = ROOT / "mappings/fixtures/medicine-session.in.json"
+        resp = client.post(
+            "/api/v1/submissions", data=fixture.read_bytes(), content_type="application/json"
+        )
+        assert resp.status_code == 201, resp.get_data(as_text=True)
+    store.close()
+
+
+def test_readyz_is_503_when_the_database_falls_behind(tmp_path: Path) -> None:
+    app = create_app(_settings(f"sqlite:///{tmp_path / 'ready.db'}", db_auto_upgrade=True))
+    store = app.extensions["fhirbridge"].store
+    with app.test_client() as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json["checks"]["migrations"] is True
+        db.downgrade(store, "base")  # as if another instance had rolled the schema back
+        behind = client.get("/readyz")
+    store.close()
+    assert behind.status_code == 503
+    assert behind.json == {
+        "status": "not ready",
+        "checks": {"database": True, "mappings": True, "migrations": False},
+    }
+
+
+def _cli(database_url: str, *args: str, **env: str) -> Any:
+    return CliRunner().invoke(
+        main, list(args), env={"FHIRBRIDGE_DATABASE_URL": database_url, **env}
+    )
+
+
+def test_db_commands(url: str) -> None:
+    check = _cli(url, "db", "check")
+    assert check.exit_code == 1
+    assert "no fhirbridge tables yet" in check.stderr
+    current = _cli(url, "db", "current")
+    assert (current.exit_code, current.stdout) == (0, "none\n")
+
+    upgraded = _cli(url, "db", "upgrade")
+    assert upgraded.exit_code == 0, upgraded.output
+    assert upgraded.stdout == f"upgraded from empty to {db.head()} (head)\n"
+    again = _cli(url, "db", "upgrade")
+    assert (again.exit_code, again.stdout) == (0, "")
+    assert "already at" in again.stderr
+
+    current = _cli(url, "db", "current")
+    assert (current.exit_code, current.stdout) == (0, f"{db.head()}\n")
+    assert _cli(url, "db", "check").exit_code == 0
+
+
+def test_db_upgrade_adopts_a_pre_migration_database(store: ResourceStore, url: str) -> None:
+    _legacy(store)
+    assert _cli(url, "db", "check").exit_code == 1
+    result = _cli(url, "db", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"adopted the pre-migration database; upgraded to {db.head()} (head)\n"
+    assert db.state(store).at_head
+
+
+def test_db_command_on_an_unreachable_database_shows_no_url() -> None:
+    url = "postgresql+psycopg://someone:pa55word@127.0.0.1:9/nowhere?connect_timeout=2"
+    result = _cli(url, "db", "check")
+    assert result.exit_code == 1
+    assert result.stderr == "cannot use the database: OperationalError\n"
+
+
+def test_serve_on_a_database_behind_head_exits_2(tmp_path: Path) -> None:
+    result = _cli(f"sqlite:///{tmp_path / 'serve.db'}", "serve", "--port", "9")
+    assert result.exit_code == 2
+    assert "run `fhirbridge db upgrade`" in result.stderr
+
+
+def test_worker_checks_the_database_too(tmp_path: Path) -> None:
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(
+        "targets:\n  - name: research\n    base_url: http://127.0.0.1:9/fhir\n"
+        "    profile: generic-r4\n"
+    )
+    database_url = f"sqlite:///{tmp_path / 'worker.db'}"
+    refused = _cli(database_url, "worker", "--once", FHIRBRIDGE_TARGETS=str(targets))
+    assert refused.exit_code == 2
+    assert "no fhirbridge tables yet" in refused.stderr
+    ran = _cli(
+        database_url,
+        "worker",
+        "--once",
+        FHIRBRIDGE_TARGETS=str(targets),
+        FHIRBRIDGE_DB_AUTO_UPGRADE="true",
+    )
+    assert ran.exit_code == 0, ran.output
+    assert "0 deliveries handled" in ran.stderr
