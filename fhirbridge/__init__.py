@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         store.close()
         raise
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no /static route: nothing to serve
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # The first before_request hook: every later hook and view sees the authenticated caller.

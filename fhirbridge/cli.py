@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,11 +75,17 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
     """Serve the HTTP API with gunicorn (database: FHIRBRIDGE_DATABASE_URL, default SQLite)."""
     from gunicorn.app.base import BaseApplication
 
-    from fhirbridge import create_app, logs
+    from fhirbridge import create_app, logs, metrics
     from fhirbridge.auth import AuthConfigError
     from fhirbridge.db import SchemaNotCurrentError
 
     _check_bind(host, port)
+    metrics_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several gunicorn workers: /metrics must add up every worker's counters, which
+        # prometheus_client does through files in a shared directory (the container sets one).
+        metrics_dir = tempfile.TemporaryDirectory(prefix="fhirbridge-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     try:
         app = create_app()
     except (MappingConfigError, SchemaNotCurrentError, AuthConfigError) as exc:
@@ -93,6 +100,7 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
             # gunicorn's own error log as JSON lines through the root handler (fhirbridge.logs)
             self.cfg.set("logger_class", logs.GunicornLogger)
             self.cfg.set("loglevel", Settings().log_level.lower())
+            self.cfg.set("child_exit", metrics.child_exit)
 
         def load(self) -> Any:
             return app
@@ -111,6 +119,8 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
         if sync is not None:
             sync.terminate()
             sync.wait(timeout=30)
+        if metrics_dir is not None:
+            metrics_dir.cleanup()
 
 
 def _check_bind(host: str, port: int) -> None:

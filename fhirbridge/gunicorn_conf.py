@@ -31,8 +31,13 @@ logger_class = "fhirbridge.logs.GunicornLogger"
 
 
 def on_starting(server: Any) -> None:
-    """gunicorn master hook, before any socket is bound: refuse no-auth on a non-loopback bind."""
+    """gunicorn master hook, before any socket is bound: refuse no-auth on a non-loopback bind,
+    and start with an empty PROMETHEUS_MULTIPROC_DIR (a restarted container reuses pids)."""
     from pydantic import ValidationError
+
+    from fhirbridge.metrics import clear_multiprocess_dir
+
+    clear_multiprocess_dir()
 
     from fhirbridge.auth import BindRefused, auth_configured, check_bind
     from fhirbridge.settings import Settings
@@ -49,6 +54,13 @@ def on_starting(server: Any) -> None:
         server.log.warning(
             "fhirbridge: authentication is off: every caller gets every scope (loopback only)"
         )
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook: a dead worker's live gauges leave /metrics (its counters stay)."""
+    from fhirbridge.metrics import child_exit as drop_worker
+
+    drop_worker(server, worker)
 
 
 def _describe(exc: Exception) -> str:
