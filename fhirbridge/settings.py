@@ -161,7 +161,11 @@ class Settings(BaseSettings):
 
     # --- abuse limits ---------------------------------------------------------------------
     max_json_depth: int = Field(
-        default=64, ge=8, le=512, description="Deepest JSON nesting accepted in a request body."
+        default=64,
+        ge=8,
+        le=256,
+        description="Deepest JSON nesting accepted in a request body (at most 256: the R4 "
+        "schema validator stops there).",
     )
     max_array_length: int = Field(
         default=10_000, ge=10, description="Longest JSON array accepted in a request body."
