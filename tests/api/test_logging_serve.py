@@ -70,7 +70,7 @@ def test_the_server_writes_json_lines_only(tmp_path: Path, launcher: str) -> Non
                 try:
                     if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
                         break
-                except requests.ConnectionError:
+                except requests.RequestException:  # not listening yet, or still booting
                     pass
                 assert time.monotonic() < deadline, "fhirbridge serve did not answer /healthz"
                 time.sleep(0.2)
