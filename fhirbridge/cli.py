@@ -89,6 +89,7 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
     try:
         app = create_app()
     except (MappingConfigError, SchemaNotCurrentError, AuthConfigError) as exc:
+        _drop_metrics_dir(metrics_dir)
         click.echo(str(exc), err=True)
         raise SystemExit(2) from None
 
@@ -119,8 +120,14 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
         if sync is not None:
             sync.terminate()
             sync.wait(timeout=30)
-        if metrics_dir is not None:
-            metrics_dir.cleanup()
+        _drop_metrics_dir(metrics_dir)
+
+
+def _drop_metrics_dir(metrics_dir: tempfile.TemporaryDirectory[str] | None) -> None:
+    """Undo serve's temporary PROMETHEUS_MULTIPROC_DIR (the environment outlives serve in tests)."""
+    if metrics_dir is not None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        metrics_dir.cleanup()
 
 
 def _check_bind(host: str, port: int) -> None:
