@@ -40,7 +40,7 @@ __all__ = [
 JSON_TYPES: Final = frozenset({"application/json", "application/fhir+json"})
 #: The deepest document every consumer takes: jsonschema-rs (the R4 JSON Schema, $validate)
 #: raises ValueError("Recursion limit reached") just past 256 levels, which would be a 500.
-#: A larger ``max_json_depth`` setting (it allows up to 512) is capped to this.
+#: The deepest ``max_json_depth`` the settings accept; the cap also guards direct callers.
 DEPTH_CEILING: Final = 256
 
 # orjson's JSONDecodeError.msg for a document nested deeper than it parses (1024)

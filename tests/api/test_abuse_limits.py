@@ -212,7 +212,7 @@ def test_at_the_limits_the_document_is_processed(client: FlaskClient) -> None:
 def test_deeper_than_orjson_parses_is_the_same_400_not_a_500(
     make_client: ClientFactory, path: str
 ) -> None:
-    client = make_client(max_body_bytes=1024 * 1024, max_json_depth=512)
+    client = make_client(max_body_bytes=1024 * 1024, max_json_depth=DEPTH_CEILING)
     body = '{"a":' * 2000 + f'"{SENTINEL}"' + "}" * 2000
     issue = _issue(client.post(path, data=body, content_type="application/json"), 400, "too-costly")
     assert issue["diagnostics"] == (
@@ -222,9 +222,9 @@ def test_deeper_than_orjson_parses_is_the_same_400_not_a_500(
 
 @pytest.mark.parametrize("path", JSON_ROUTES)
 def test_the_deepest_document_allowed_is_no_500(make_client: ClientFactory, path: str) -> None:
-    """max_json_depth may be set to 512, but the R4 JSON Schema validator (jsonschema-rs) fails
-    with a ValueError just past 256 levels: the limit in force is capped at DEPTH_CEILING."""
-    client = make_client(max_body_bytes=1024 * 1024, max_json_depth=512)
+    """The R4 JSON Schema validator (jsonschema-rs) fails with a ValueError just past 256
+    levels: the deepest setting allowed (DEPTH_CEILING) must still answer without a 500."""
+    client = make_client(max_body_bytes=1024 * 1024, max_json_depth=DEPTH_CEILING)
     deepest = client.post(path, json=_nested(DEPTH_CEILING))
     assert deepest.status_code < 500, deepest.get_data(as_text=True)[:500]
     assert SENTINEL not in deepest.get_data(as_text=True)
@@ -325,3 +325,12 @@ def test_sync_api_takes_target_names_only_and_unknown_is_404_sending_nothing(
     # the recorder does record what reaches it: the empty list above means nothing was sent
     assert requests.get(f"{base_url}/metadata", timeout=5).status_code == 200
     assert seen == ["GET /fhir/metadata"]
+
+
+def test_a_depth_setting_past_the_ceiling_is_refused_at_start_up() -> None:
+    from pydantic import ValidationError
+
+    from fhirbridge.settings import Settings
+
+    with pytest.raises(ValidationError):
+        Settings(max_json_depth=DEPTH_CEILING + 1)
