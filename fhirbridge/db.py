@@ -13,20 +13,21 @@ tables, no alembic_version) is adopted by `upgrade`: when its tables, columns, k
 and unique constraints are exactly the baseline revision's, it is stamped at the baseline and
 upgraded from there; otherwise nothing is touched and the error names what differs (table,
 column and index names only).
+
+Alembic itself is imported only to migrate, or when a database is not at head: importing it
+costs ~0.15-0.3 s of every start (issue 6), and a start on a database at head only needs the
+head revision id, which `head()` reads from the version files' literals (alembic's
+ScriptDirectory decides whenever a file is anything but a plain revision or merge).
 """
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -34,6 +35,9 @@ from sqlalchemy.pool import StaticPool
 from fhirbridge.store.schema import metadata
 
 if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     from fhirbridge.store.resources import ResourceStore
 
 __all__ = [
@@ -113,6 +117,8 @@ def alembic_config(
 ) -> Config:
     """Alembic's configuration, in code: the script directory (default: this package's
     migrations) and the connection to use."""
+    from alembic.config import Config
+
     location = script_location or MIGRATIONS_DIR
     config = Config()
     # ConfigParser interpolation: a literal '%' in the path must be doubled.
@@ -125,12 +131,59 @@ def alembic_config(
 
 @cache
 def _script(location: Path) -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config(script_location=location))
+
+
+_DECLARED = frozenset({"revision", "down_revision", "branch_labels", "depends_on"})
+
+
+@cache
+def declared_heads(location: Path) -> tuple[str, ...] | None:
+    """The head revision(s) of a script directory as its version files declare them, without
+    importing alembic: each file's top-level `revision` and `down_revision` literals.
+
+    None (let alembic decide) when a file is more than a plain revision or merge: a value that
+    is not a literal, no `revision`, branch labels or dependencies. Files are chosen as
+    alembic chooses them (``*.py`` in versions/, not ``__init__`` nor an editor's ``.#``).
+    """
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in sorted((location / "versions").glob("*.py")):
+        if path.name.startswith(("__init__", ".#")):
+            continue
+        values: dict[str, Any] = {}
+        try:
+            for node in ast.parse(path.read_bytes(), str(path)).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                    target, value = node.targets[0], node.value
+                elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                    target, value = node.target, node.value
+                else:
+                    continue
+                if isinstance(target, ast.Name) and target.id in _DECLARED:
+                    values[target.id] = ast.literal_eval(value)
+        except (SyntaxError, ValueError, TypeError):
+            return None
+        revision, down = values.get("revision"), values.get("down_revision")
+        if not isinstance(revision, str) or values.get("branch_labels") or values.get("depends_on"):
+            return None
+        if isinstance(down, str):
+            parents.add(down)
+        elif isinstance(down, tuple) and all(isinstance(d, str) for d in down):
+            parents.update(down)  # a merge revision
+        elif down is not None:
+            return None
+        revisions.add(revision)
+    return tuple(sorted(revisions - parents))
 
 
 def head() -> str:
     """The latest revision this version of fhirbridge ships."""
-    heads = _script(MIGRATIONS_DIR).get_heads()
+    heads = declared_heads(MIGRATIONS_DIR)
+    if heads is None:
+        heads = tuple(_script(MIGRATIONS_DIR).get_heads())
     if len(heads) != 1:
         raise RuntimeError(f"migrations must have exactly one head, found {sorted(heads)}")
     return heads[0]
@@ -175,6 +228,8 @@ def upgrade(store: ResourceStore) -> tuple[SchemaState, SchemaState]:
     nothing to do. Raises SchemaNotCurrentError for an unknown revision or a pre-migration
     database whose tables are not the baseline's (nothing is changed then).
     """
+    from alembic import command
+
     with store.write() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
@@ -197,6 +252,8 @@ def upgrade(store: ResourceStore) -> tuple[SchemaState, SchemaState]:
 
 def downgrade(store: ResourceStore, revision: str = "base") -> None:
     """Migrate down to `revision` ("base": drop every fhirbridge table). Tests and rollbacks."""
+    from alembic import command
+
     with store.write() as conn:
         command.downgrade(alembic_config(conn), revision)
 
@@ -260,6 +317,8 @@ def schema_differences(conn: Connection, expected: Shape) -> list[str]:
 @cache
 def _baseline_shape() -> Shape:
     """The baseline revision's tables, from a scratch in-memory SQLite migrated to it."""
+    from alembic import command
+
     engine = create_engine("sqlite://", poolclass=StaticPool)
     try:
         with engine.begin() as conn:
@@ -275,6 +334,11 @@ def _baseline_shape() -> Shape:
 def new_revision(message: str, *, script_location: Path | None = None) -> Path | None:
     """Write the next revision (0002, 0003, …) from what schema.py adds to head; its path,
     or None when schema.py and head agree (no file is written then)."""
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     directory = ScriptDirectory.from_config(alembic_config(script_location=script_location))
     numbers = [int(r.revision) for r in directory.walk_revisions() if r.revision.isdigit()]
     rev_id = f"{max(numbers, default=0) + 1:04d}"

@@ -1,15 +1,19 @@
 """Alembic migrations on SQLite and the real PostgreSQL: head is exactly schema.py, down to base
 and up again, concurrent upgrades, adopting a pre-migration database, behind and unknown
-revisions, writing the next revision; the start-up refusal, `fhirbridge db`, and /readyz when
-the database is behind.
+revisions, writing the next revision; the head read from the version files (as alembic reads
+it, without importing alembic on start-up); the start-up refusal, `fhirbridge db`, and /readyz
+when the database is behind.
 
 The comparison test is what makes a change to schema.py without a migration fail CI.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,6 +25,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from sqlalchemy import Column, Integer, Table, create_engine, inspect, make_url, text
 
@@ -279,6 +284,76 @@ def test_new_revision_writes_what_schema_py_adds(tmp_path: Path) -> None:
         engine.dispose()
     finally:
         metadata.remove(probe)
+
+
+# ------------------------------------------- the head, read from the version files, not alembic
+
+
+def _alembic_heads(location: Path) -> tuple[str, ...]:
+    script = ScriptDirectory.from_config(db.alembic_config(script_location=location))
+    return tuple(sorted(script.get_heads()))
+
+
+def test_declared_head_is_alembics_head(two_revisions: Path) -> None:
+    shipped = ROOT / "fhirbridge" / "migrations"
+    assert db.declared_heads(shipped) == _alembic_heads(shipped) == ("0001",)
+    assert db.declared_heads(two_revisions) == _alembic_heads(two_revisions) == ("0002",)
+    assert db.head() == "0002"
+
+
+def _revision(rev: str, down: str, labels: str = "None") -> str:
+    return (
+        SECOND.replace('revision = "0002"', f"revision = {rev}")
+        .replace('down_revision = "0001"', f"down_revision = {down}")
+        .replace("branch_labels = None", f"branch_labels = {labels}")
+    )
+
+
+def test_declared_heads_of_branches_and_merges_are_alembics(two_revisions: Path) -> None:
+    versions = two_revisions / "versions"
+    (versions / "0003_branch.py").write_text(_revision('"0003"', '"0001"'))
+    assert db.declared_heads(two_revisions) == _alembic_heads(two_revisions) == ("0002", "0003")
+    with pytest.raises(RuntimeError, match="exactly one head"):
+        db.head()
+    db.declared_heads.cache_clear()
+    (versions / "0004_merge.py").write_text(_revision('"0004"', '("0002", "0003")'))
+    assert db.declared_heads(two_revisions) == _alembic_heads(two_revisions) == ("0004",)
+
+
+@pytest.mark.parametrize(
+    ("rev", "labels"),
+    [('"000" + "3"', "None"), ('"0003"', "('side',)")],
+    ids=["computed-id", "branch-label"],
+)
+def test_alembic_decides_what_the_files_do_not_declare_plainly(
+    two_revisions: Path, rev: str, labels: str
+) -> None:
+    (two_revisions / "versions" / "0003_odd.py").write_text(_revision(rev, '"0002"', labels))
+    assert db.declared_heads(two_revisions) is None
+    assert db.head() == "0003" == _alembic_heads(two_revisions)[0]
+
+
+def test_starting_on_a_database_at_head_does_not_import_alembic(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'app.db'}"
+    store = ResourceStore.from_url(database_url)
+    db.upgrade(store)
+    store.close()
+    code = (
+        "import sys\n"
+        "from fhirbridge import create_app\n"
+        "client = create_app().test_client()\n"
+        "assert client.get('/readyz').json['checks']['migrations'] is True\n"
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'alembic'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRBRIDGE_")}
+    env |= {
+        "FHIRBRIDGE_DATABASE_URL": database_url,
+        "FHIRBRIDGE_MAPPINGS_DIR": str(ROOT / "mappings"),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (run.returncode, run.stdout) == (0, "[]\n"), run.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ the app and the command
