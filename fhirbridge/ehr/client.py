@@ -341,6 +341,11 @@ class EhrClient:
         where = f"{method} {path}"
         write = method not in READ_METHODS
         sent_headers = {"Accept": FHIR_JSON}
+        if write:
+            # The id, version and status of a write are in Location/ETag (or a transaction's
+            # entry.response): the server need not send every resource back, and a hospital's
+            # copy of a patient's record need not cross the network twice.
+            sent_headers["Prefer"] = "return=minimal"
         data: bytes | None = None
         if json is not None:
             data = orjson.dumps(json if isinstance(json, dict) else dict(json))

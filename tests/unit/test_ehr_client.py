@@ -189,6 +189,7 @@ def test_create_returns_location_etag_and_sends_fhir_json(ehr: FakeEhr, client: 
     assert seen.headers["Content-Type"] == "application/fhir+json; charset=utf-8"
     assert seen.headers["Accept"] == FHIR_JSON
     assert seen.headers["If-None-Exist"] == "identifier=urn:x|1"
+    assert seen.headers["Prefer"] == "return=minimal"
     assert json.loads(seen.body) == PATIENT
 
 
@@ -209,6 +210,7 @@ def test_read_and_capabilities(ehr: FakeEhr, client: EhrClient) -> None:
     assert (resp.body, resp.version_id) == (PATIENT, "2")
     assert client.capabilities() == {"resourceType": "CapabilityStatement"}
     assert [s.path for s in ehr.seen] == ["/fhir/Patient/p1", "/fhir/metadata"]
+    assert all("Prefer" not in s.headers for s in ehr.seen)  # reads want the resource
 
 
 def test_read_of_something_else_is_an_invalid_response(ehr: FakeEhr, client: EhrClient) -> None:
