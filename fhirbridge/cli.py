@@ -207,13 +207,19 @@ def auth_hash_key(client_id: str, scopes: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option("--once", is_flag=True, help="One pass over every target, then exit.")
-def worker(once: bool) -> None:
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 16),
+    default=None,
+    help="Deliveries in flight at once (default: FHIRBRIDGE_WORKER_CONCURRENCY, 1).",
+)
+def worker(once: bool, concurrency: int | None) -> None:
     """Deliver queued resources to the targets in FHIRBRIDGE_TARGETS until stopped (SIGTERM)."""
     from fhirbridge.store.resources import ResourceStore
     from fhirbridge.sync.outbox import Outbox
     from fhirbridge.sync.runtime import build_runtimes, routes
     from fhirbridge.sync.targets import TargetConfigError, load_targets
-    from fhirbridge.sync.worker import Worker
+    from fhirbridge.sync.worker import Worker, default_owner
 
     settings = Settings()
     if not settings.targets:
@@ -226,21 +232,41 @@ def worker(once: bool) -> None:
         raise SystemExit(2) from None
     store = ResourceStore.from_url(settings.database_url)
     _check_schema(store, settings)
-    runner = Worker(
-        store,
-        Outbox(store, routes(targets)),
-        build_runtimes(targets),
-        lease=timedelta(seconds=settings.worker_lease_seconds),
-    )
+    outbox = Outbox(store, routes(targets))
+    # One Worker per slot, each with its own owner id (its claims and leases) and its own
+    # HTTP clients: exactly what several worker processes would be, sharing one pool.
+    runners = [
+        Worker(
+            store,
+            outbox,
+            build_runtimes(targets),
+            owner=f"{default_owner()}:{slot}",
+            lease=timedelta(seconds=settings.worker_lease_seconds),
+        )
+        for slot in range(1 if once else concurrency or settings.worker_concurrency)
+    ]
     if once:
-        handled = runner.run_once()
+        handled = runners[0].run_once()
         log.info("%d deliveries handled", handled)
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    log.info("sync worker %s: %d target(s)", runner.owner, len(targets))
-    runner.run(stop, idle_seconds=settings.worker_idle_seconds)
+    log.info("sync worker: %d target(s), %d in flight at most", len(targets), len(runners))
+    threads = [
+        threading.Thread(
+            target=runner.run,
+            args=(stop,),
+            kwargs={"idle_seconds": settings.worker_idle_seconds},
+            name=f"sync-{slot}",
+        )
+        for slot, runner in enumerate(runners)
+    ]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        for thread in threads:
+            thread.join(timeout=0.5)  # the main thread stays free to take SIGTERM
     store.close()
 
 

@@ -123,6 +123,14 @@ class Settings(BaseSettings):
     worker_idle_seconds: float = Field(
         default=1.0, gt=0, le=60, description="How long a sync worker rests when nothing is due."
     )
+    worker_concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Deliveries a `fhirbridge worker` process has in flight at once (one "
+        "patient each, spread over the targets). More keeps a fast EHR busy while fhirbridge "
+        "plans the next request; ask the hospital how many concurrent clients it allows.",
+    )
     worker_lease_seconds: float = Field(
         default=120.0,
         ge=1,

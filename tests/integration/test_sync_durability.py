@@ -441,3 +441,41 @@ def test_two_workers_on_postgresql_send_every_resource_exactly_once(
     twice = sorted(k for k, v in versions.items() if v != "1")
     assert not twice, f"{len(twice)} resources were written more than once, e.g. {twice[:3]}"
     assert not any(p.errors for p in proxies)
+
+
+def test_one_worker_with_concurrency_sends_every_resource_exactly_once(
+    tmp_path: Path, fhir_server: FhirServer
+) -> None:
+    # `fhirbridge worker --concurrency 3` on SQLite: three delivery slots in one process
+    # share the queue like three worker processes would, with no double claim.
+    store = ResourceStore.from_url(f"sqlite:///{tmp_path / 'concurrent.db'}")
+    proxy = FaultProxy(fhir_server.base_url)
+    worker: WorkerProcess | None = None
+    submissions = 30
+    try:
+        store.create_schema()
+        ours = queue(store, Outbox(store, [Route("ehr")]), mapped(submissions))
+        total = sum(statuses(store).values())
+        env = _worker_env(tmp_path, proxy.base_url, f"sqlite:///{tmp_path / 'concurrent.db'}")
+        worker = WorkerProcess(tmp_path / "worker.log", env)
+        worker.command.extend(["--concurrency", "3"])
+        worker.start()
+        wait_until(
+            lambda: statuses(store) == {"sent": total},
+            timeout=60,
+            what="every row sent",
+            on_timeout=lambda: f"ledger {dict(statuses(store))} | {worker.log_tail(1500)}",
+        )
+        assert worker.stop() == 0, worker.log_tail()
+        log_text = (tmp_path / "worker.log").read_text()
+        assert "3 in flight at most" in log_text
+        transactions = sum(1 for m, _ in proxy.requests_seen if m == "POST")
+    finally:
+        if worker is not None:
+            worker.kill()
+        proxy.close()
+        store.close()
+    assert transactions >= submissions
+    versions = _assert_on_server_exactly_once(fhir_server, ours)
+    assert set(versions.values()) == {"1"}, "a resource was written more than once"
+    assert not proxy.errors
