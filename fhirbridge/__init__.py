@@ -29,14 +29,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     from fhirbridge.logs import init_app as init_logs
     from fhirbridge.mapping.pack import load_pack
     from fhirbridge.store.resources import ResourceStore
-    from fhirbridge.sync.outbox import Outbox
-    from fhirbridge.sync.runtime import routes
-    from fhirbridge.sync.targets import load_targets
+    from fhirbridge.sync.outbox import Outbox, Route
     from fhirbridge.validation import SubmissionValidator
 
     settings = settings or Settings()
     pack = load_pack(settings.mappings_dir)
-    targets = load_targets(settings.targets) if settings.targets else []
+    targets: list[Any] = []
+    sync_routes: list[Route] = []
+    if settings.targets:  # the sync modules (requests, PyJWT, ...): ~0.1 s of start-up, issue 6
+        from fhirbridge.sync.runtime import routes
+        from fhirbridge.sync.targets import load_targets
+
+        targets = load_targets(settings.targets)
+        sync_routes = routes(targets)
     store = ResourceStore.from_url(settings.database_url)
     try:  # refuse a database behind this version's migrations (SchemaNotCurrentError)
         ensure_current(store, auto_upgrade=settings.db_auto_upgrade)
@@ -55,7 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         input_validator=SubmissionValidator(pack.source_schema, pack.integrity),
         output_validator=OutputValidator(),
         store=store,
-        outbox=Outbox(store, routes(targets)),
+        outbox=Outbox(store, sync_routes),
     )
     _publish_jwks(app, settings, targets)
     problems.init_app(app)
@@ -85,8 +90,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 def _publish_jwks(app: Flask, settings: Settings, targets: list[Any]) -> None:
     """Serve the public keys of every SMART Backend Services target at settings.jwks_path."""
     from fhirbridge.api import jwks as jwks_api
-    from fhirbridge.ehr.auth import SmartBackendConfig, jwks, parse_auth_config
 
-    configs = [parse_auth_config(t.auth) for t in targets]
-    keys = jwks(c for c in configs if isinstance(c, SmartBackendConfig))
+    keys: dict[str, Any] = {"keys": []}
+    if targets:
+        from fhirbridge.ehr.auth import SmartBackendConfig, jwks, parse_auth_config
+
+        configs = [parse_auth_config(t.auth) for t in targets]
+        keys = jwks(c for c in configs if isinstance(c, SmartBackendConfig))
     app.register_blueprint(jwks_api.make_blueprint(settings.jwks_path, lambda: keys))

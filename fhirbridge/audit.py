@@ -44,11 +44,11 @@ from fhirbridge.errors import Issue, operation_outcome
 from fhirbridge.store.fhirdates import format_instant, micros, parse_range
 from fhirbridge.store.schema import resource_history, resources, search_index
 from fhirbridge.store.search_params import REFERENCE_ROW, extract_index
-from fhirbridge.sync import planner
 from fhirbridge.sync.outbox import Result
 
 if TYPE_CHECKING:
     from fhirbridge.store.resources import ResourceStore, SaveResult
+    from fhirbridge.sync import planner
 
 __all__ = [
     "CLIENT_SYSTEM",
@@ -364,6 +364,10 @@ def step_audit_event(
 def delivery_interaction(step: object) -> str | None:
     """The restful interaction a sync planner step makes at the target; None when it makes no
     request (a Wait, a skip)."""
+    # Here, not at the top: only the sync worker records steps, and the planner (with the
+    # targets' models) is ~70 ms of the web server's start-up (issue 6).
+    from fhirbridge.sync import planner
+
     if isinstance(step, planner.Transaction):
         return "transaction"
     if isinstance(step, planner.Batch):

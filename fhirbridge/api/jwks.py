@@ -18,7 +18,6 @@ from flask import Blueprint, Response
 
 from fhirbridge.api.access import public
 from fhirbridge.api.http import json_response
-from fhirbridge.ehr.auth import has_private_members
 from fhirbridge.errors import FhirbridgeError
 
 DEFAULT_PATH = "/.well-known/jwks.json"
@@ -36,6 +35,10 @@ def make_blueprint(path: str, keys_provider: Callable[[], dict[str, Any]]) -> Bl
 
     @public
     def serve_jwks() -> Response:
+        # Here: fhirbridge.ehr.auth brings PyJWT, requests and cryptography, which a service
+        # without SMART targets need not load at start-up (issue 6).
+        from fhirbridge.ehr.auth import has_private_members
+
         body = keys_provider()
         if has_private_members(body):
             log.error("refusing to publish a JWK Set that holds private key material")

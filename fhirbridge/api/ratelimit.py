@@ -29,15 +29,16 @@ import logging
 import math
 import time
 import urllib.parse
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from flask import Flask, Response, request
-from flask_limiter import ApplicationLimit, Limiter, RequestLimit
-from limits import parse_many
 
 from fhirbridge.api import health
 from fhirbridge.api.access import current_principal
 from fhirbridge.settings import Settings
+
+if TYPE_CHECKING:
+    from flask_limiter import Limiter, RequestLimit
 
 __all__ = ["EXTENSION", "KEY_PREFIX", "client_key", "init_app"]
 
@@ -85,6 +86,10 @@ def init_app(app: Flask, settings: Settings) -> Limiter | None:
     spec = settings.rate_limit.strip()
     if not spec:
         return None
+    # Imported only when a limit is set: Flask-Limiter and limits are ~35-80 ms of start-up.
+    from flask_limiter import ApplicationLimit, Limiter
+    from limits import parse_many
+
     parse_many(spec)  # a typo in the notation stops start-up, not the first request
     limiter = Limiter(
         client_key,

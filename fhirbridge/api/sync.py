@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
@@ -17,7 +17,9 @@ from fhirbridge.api.access import SYNC_ADMIN, requires
 from fhirbridge.api.http import json_response, services
 from fhirbridge.errors import BadRequestError, NotFoundError
 from fhirbridge.sync.outbox import Outbox
-from fhirbridge.sync.targets import Target
+
+if TYPE_CHECKING:
+    from fhirbridge.sync.targets import Target
 
 bp = Blueprint("sync", __name__, url_prefix="/api/v1/sync")
 

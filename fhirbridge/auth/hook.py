@@ -25,15 +25,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from flask import Flask, Request, current_app, g, request
 
 from fhirbridge.api.access import UNAUTHENTICATED, Principal, access_of
 from fhirbridge.auth.apikeys import ApiKeyVerifier
-from fhirbridge.auth.jwt import JwtVerifier, TokenRejected
 from fhirbridge.errors import ForbiddenError, UnauthorizedError
 from fhirbridge.settings import Settings
+
+if TYPE_CHECKING:
+    from fhirbridge.auth.jwt import JwtVerifier
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,12 @@ class Authenticator:
 
     def __init__(self, settings: Settings) -> None:
         self._api_keys = ApiKeyVerifier(settings.auth_api_keys)
-        self._jwt = JwtVerifier.from_settings(settings)
+        self._jwt: JwtVerifier | None = None
+        if settings.auth_jwt_jwks_url or settings.auth_jwt_public_key:
+            # Only then: PyJWT and cryptography are ~45 ms of every start (issue 6).
+            from fhirbridge.auth.jwt import JwtVerifier
+
+            self._jwt = JwtVerifier.from_settings(settings)
         self._sources: list[CredentialSource] = []
 
     @property
@@ -107,6 +114,8 @@ class Authenticator:
     def _by_jwt(self, token: str) -> Principal:
         if self._jwt is None:
             raise _Refused("jwt-not-configured")
+        from fhirbridge.auth.jwt import TokenRejected  # loaded with self._jwt
+
         try:
             return self._jwt.verify(token)
         except TokenRejected as exc:

@@ -1,0 +1,116 @@
+"""Cold start (issue 6): what create_app loads before the first answer, in a fresh process.
+
+A fresh interpreter is the only honest place to look: in the test process every module some
+other test imported is already there. A service without sync targets, with API keys (no JWT)
+and without a rate limit, on a database at head, must start and answer /readyz without
+alembic, the sync client side (requests, PyJWT, cryptography, the planner) or Flask-Limiter;
+each of them is loaded as soon as a setting asks for it, so the checks below can fail both ways.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fhirbridge import db
+from fhirbridge.store.resources import ResourceStore
+
+ROOT = Path(__file__).resolve().parents[1]
+WATCHED = (
+    "alembic",
+    "flask_limiter",
+    "jwt",
+    "cryptography",
+    "requests",
+    "fhirbridge.sync.planner",
+    "fhirbridge.sync.runtime",
+)
+PROBE = """
+import json, sys
+from fhirbridge import create_app
+status = create_app().test_client().get("/readyz").status_code
+watched = {name: name in sys.modules for name in sys.argv[1:]}
+print(json.dumps({"readyz": status, "loaded": watched}))
+"""
+
+
+def _start(tmp_path: Path, **settings: str) -> dict[str, object]:
+    database_url = f"sqlite:///{tmp_path / 'start.db'}"
+    store = ResourceStore.from_url(database_url)
+    db.upgrade(store)
+    store.close()
+    key = {"client_id": "probe", "sha256": hashlib.sha256(b"k").hexdigest(), "scopes": []}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRBRIDGE_")}
+    env |= {
+        "FHIRBRIDGE_DATABASE_URL": database_url,
+        "FHIRBRIDGE_MAPPINGS_DIR": str(ROOT / "mappings"),
+        "FHIRBRIDGE_AUTH_API_KEYS": json.dumps([key]),
+        "FHIRBRIDGE_RATE_LIMIT": "",
+        **{f"FHIRBRIDGE_{name.upper()}": value for name, value in settings.items()},
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, *WATCHED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result: dict[str, object] = json.loads(run.stdout)
+    return result
+
+
+def test_a_plain_start_loads_none_of_the_optional_parts(tmp_path: Path) -> None:
+    assert _start(tmp_path) == {"readyz": 200, "loaded": dict.fromkeys(WATCHED, False)}
+
+
+def _public_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+@pytest.mark.parametrize(
+    ("setting", "loads"),
+    [
+        ("rate_limit", {"flask_limiter"}),
+        ("auth_jwt_public_key", {"jwt", "cryptography"}),
+        (
+            "targets",
+            {
+                "requests",
+                "jwt",
+                "cryptography",
+                "fhirbridge.sync.runtime",
+                "fhirbridge.sync.planner",
+            },
+        ),
+    ],
+)
+def test_each_part_is_loaded_when_a_setting_asks_for_it(
+    tmp_path: Path, setting: str, loads: set[str]
+) -> None:
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(
+        "targets:\n  - name: research\n    base_url: http://127.0.0.1:9/fhir\n"
+        "    profile: generic-r4\n"
+    )
+    settings = {
+        "rate_limit": {"rate_limit": "100/second"},
+        "auth_jwt_public_key": {"auth_jwt_public_key": _public_pem(), "auth_jwt_audience": "fb"},
+        "targets": {"targets": str(targets)},
+    }[setting]
+    started = _start(tmp_path, **settings)
+    assert started["readyz"] == 200
+    loaded = started["loaded"]
+    assert isinstance(loaded, dict)
+    assert {name for name, present in loaded.items() if present} == loads
