@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -463,7 +464,34 @@ def _bare(base_url: str, bundles: list[dict[str, Any]], mode: str) -> float:
     return elapsed
 
 
-def bench_sync(repeats: int, resources: int) -> list[Row]:
+def _unsent(store: Any) -> int:
+    from sqlalchemy import func, select
+
+    from fhirbridge.store.schema import delivery
+
+    with store.engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).select_from(delivery).where(delivery.c.status != "sent")
+            ).scalar_one()
+        )
+
+
+def _states(store: Any) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from fhirbridge.store.schema import delivery
+
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(delivery.c.status, delivery.c.last_error, func.count()).group_by(
+                delivery.c.status, delivery.c.last_error
+            )
+        ).all()
+    return {f"{status}: {error}": n for status, error, n in rows}
+
+
+def bench_sync(repeats: int, resources: int, concurrency: int) -> list[Row]:
     import dataclasses
 
     from fhirbridge.ehr.client import EhrClient
@@ -495,16 +523,38 @@ def bench_sync(repeats: int, resources: int) -> list[Row]:
                 caps = load_profile("generic-r4")
                 if mode == "single":
                     caps = dataclasses.replace(caps, transaction=False, batch=False)
-                client = EhrClient(server.base_url)
                 target = Target(name="ehr", base_url=server.base_url, profile="generic-r4")
-                worker = Worker(store, outbox, [TargetRuntime(target, caps, client)])
+                # As `fhirbridge worker --concurrency N`: one Worker and client per slot.
+                clients = [EhrClient(server.base_url) for _ in range(concurrency)]
+                workers = [
+                    Worker(store, outbox, [TargetRuntime(target, caps, c)], owner=f"bench-{n}")
+                    for n, c in enumerate(clients)
+                ]
+
+                def drain(worker: Worker, store: Any = store) -> None:
+                    # As the worker loop does: rest briefly when nothing is due (a patient
+                    # may wait for a shared Medication another slot is sending), until done.
+                    while _unsent(store):
+                        if not worker.run_once():
+                            time.sleep(0.05)
+
                 try:
                     start = time.perf_counter()
-                    while worker.run_once():
-                        pass
+                    threads = [threading.Thread(target=drain, args=(w,)) for w in workers]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
                     ours = time.perf_counter() - start
+                    unsent = _unsent(store)
+                    if unsent:  # a figure for a sync that did not finish would mean nothing
+                        raise RuntimeError(
+                            f"sync bench ({mode}, {concurrency} in flight): {unsent} resources "
+                            f"not sent: {_states(store)}"
+                        )
                 finally:
-                    client.close()
+                    for c in clients:
+                        c.close()
                     store.close()
                     server.close()
             ours_rates.append(count / ours)
@@ -515,7 +565,7 @@ def bench_sync(repeats: int, resources: int) -> list[Row]:
         rows.append(
             Row(
                 "sync",
-                f"{label} ({count} resources)",
+                f"{label}, {concurrency} in flight ({count} resources)",
                 "resources/s",
                 ours_rates,
                 bare_rates,
@@ -723,10 +773,15 @@ def main(argv: list[str] | None = None) -> int:
     plan: dict[str, Callable[[], list[Row]]] = {
         "pipeline": lambda: bench_pipeline(repeats, {"smoke": 6, "quick": 60, "full": 150}[size]),
         "api": lambda: bench_api(repeats, {"smoke": 1.0, "quick": 5.0, "full": 10.0}[size]),
-        "sync": lambda: bench_sync(
-            {"smoke": 1, "quick": 2, "full": 3}[size] if args.repeats is None else repeats,
-            {"smoke": 60, "quick": 1000, "full": 5000}[size],
-        ),
+        "sync": lambda: [
+            row
+            for concurrency in (1, 2)
+            for row in bench_sync(
+                {"smoke": 1, "quick": 2, "full": 3}[size] if args.repeats is None else repeats,
+                {"smoke": 60, "quick": 1000, "full": 5000}[size],
+                concurrency,
+            )
+        ],
         "cold_start": lambda: bench_cold_start(repeats),
         "scaling": lambda: bench_scaling(repeats),
         "memory": lambda: (
