@@ -147,14 +147,18 @@ def _statuses(served: Served) -> dict[str, str]:
 
 def _click_and_wait(driver: Any, element: Any) -> None:
     """Click a submit button and wait until the next page (after the redirect) is loaded."""
-    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    page = driver.find_element("tag name", "html")
+    # Mark the current document; the next page is a new document without the mark. (Waiting
+    # for the old <html> element to go stale raced in chromedriver: "Node with given id does
+    # not belong to the document" when the check ran mid-navigation.)
+    driver.execute_script("window.__fhirbridgeOldPage = true;")
     element.click()
-    WebDriverWait(driver, WAIT).until(ec.staleness_of(page))
-    WebDriverWait(driver, WAIT).until(
-        lambda d: d.execute_script("return document.readyState") == "complete"
+    WebDriverWait(driver, WAIT, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return window.__fhirbridgeOldPage === undefined && document.readyState === 'complete'"
+        )
     )
 
 
