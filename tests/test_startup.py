@@ -1,4 +1,4 @@
-"""Cold start (issue 6): what create_app loads before the first answer, in a fresh process.
+"""Cold start (issue 6): what create_app loads before the first answer, and how serve starts.
 
 A fresh interpreter is the only honest place to look: in the test process every module some
 other test imported is already there. A service without sync targets, with API keys (no JWT)
@@ -9,18 +9,23 @@ each of them is loaded as soon as a setting asks for it, so the checks below can
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fhirbridge import db
+from fhirbridge import create_app, db
+from fhirbridge.cli import _start_up_objects_frozen, _worker_started
+from fhirbridge.fhir.validate import EMITTED_RESOURCE_TYPES, _r4b_model
+from fhirbridge.settings import Settings
 from fhirbridge.store.resources import ResourceStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +119,48 @@ def test_each_part_is_loaded_when_a_setting_asks_for_it(
     loaded = started["loaded"]
     assert isinstance(loaded, dict)
     assert {name for name, present in loaded.items() if present} == loads
+
+
+# ---------------------------------------------------------- serve: the master and its workers
+
+
+def test_serve_collects_no_garbage_while_building_then_freezes_what_it_built() -> None:
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with _start_up_objects_frozen():
+            assert not gc.isenabled()
+            built = [{"start-up": i} for i in range(1000)]
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(built)
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as usual
+
+
+def test_serve_turns_the_collector_back_on_when_start_up_fails() -> None:
+    with pytest.raises(SystemExit), _start_up_objects_frozen():
+        raise SystemExit(2)
+    assert gc.isenabled()
+
+
+def test_a_forked_worker_opens_its_own_connections_and_warms_up(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'fork.db'}"
+    store = ResourceStore.from_url(database_url)
+    db.upgrade(store)
+    store.close()
+    app = create_app(Settings(database_url=database_url, mappings_dir=ROOT / "mappings"))
+    services = app.extensions["fhirbridge"]
+    masters = services.store.engine.pool
+    assert masters.checkedin() == 1  # the migration check's connection, kept by the master
+    _r4b_model.cache_clear()  # as in a fresh worker: no model looked up yet
+    try:
+        _worker_started(app)(None, None)
+        (warm_up,) = [t for t in threading.enumerate() if t.name == "fhirbridge-warm-up"]
+        warm_up.join(timeout=120)
+        assert services.store.engine.pool is not masters
+        assert services.store.engine.pool.checkedin() == 0
+        assert services.store.ping()  # the worker's own connection
+        assert _r4b_model.cache_info().currsize == len(EMITTED_RESOURCE_TYPES)
+    finally:
+        masters.dispose()
+        services.store.close()
