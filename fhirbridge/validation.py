@@ -16,7 +16,7 @@ from jsonschema import FormatChecker, ValidationError
 
 from fhirbridge.errors import Issue
 from fhirbridge.mapping.expr import parse_path, walk_with_paths
-from fhirbridge.mapping.pack import Integrity
+from fhirbridge.mapping.pack import Integrity, check_source_schema
 
 _FORMAT_NAMES = {
     "fhir-instant": "a date-time with seconds and a timezone offset "
@@ -78,7 +78,7 @@ class SubmissionValidator:
     """The compiled source schema and the pack's integrity rules; built once at start-up."""
 
     def __init__(self, schema: dict[str, Any], integrity: Integrity | None = None) -> None:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        check_source_schema(schema)  # done already when load_pack read this schema
         self._validator = jsonschema.Draft202012Validator(schema, format_checker=_FORMATS)
         # The same schema and format checks, compiled by jsonschema-rs: it answers "valid?" in
         # a few µs where the Python validator takes ~1.5 ms per medicine session, and every

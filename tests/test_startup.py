@@ -17,7 +17,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,8 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fhirbridge import create_app, db
 from fhirbridge.cli import _start_up_objects_frozen, _worker_started
 from fhirbridge.fhir.validate import EMITTED_RESOURCE_TYPES, _r4b_model
+from fhirbridge.mapping import pack as mapping_pack
+from fhirbridge.mapping.pack import check_source_schema, load_pack
 from fhirbridge.settings import Settings
 from fhirbridge.store.resources import ResourceStore
+from fhirbridge.validation import SubmissionValidator
 
 ROOT = Path(__file__).resolve().parents[1]
 WATCHED = (
@@ -164,3 +169,23 @@ def test_a_forked_worker_opens_its_own_connections_and_warms_up(tmp_path: Path) 
     finally:
         masters.dispose()
         services.store.close()
+
+
+# ----------------------------------------------- the source schema is checked once per start
+
+
+def test_the_source_schema_is_meta_checked_once_for_pack_and_validator() -> None:
+    pack = load_pack(ROOT / "mappings")
+    key = json.dumps(pack.source_schema, sort_keys=True, ensure_ascii=False)
+    assert key in mapping_pack._ACCEPTED_SCHEMAS  # SubmissionValidator finds it there
+    SubmissionValidator(pack.source_schema, pack.integrity)
+
+
+def test_a_schema_is_checked_again_once_it_differs() -> None:
+    schema: dict[str, Any] = {"type": "object", "properties": {"n": {"minimum": 1}}}
+    check_source_schema(schema)
+    schema["properties"]["n"]["minimum"] = "one"  # the same object, now not a schema
+    with pytest.raises(jsonschema.SchemaError, match="'one' is not of type 'number'"):
+        check_source_schema(schema)
+    with pytest.raises(jsonschema.SchemaError):  # a rejected schema is never remembered
+        SubmissionValidator(schema)

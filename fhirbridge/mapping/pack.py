@@ -305,6 +305,30 @@ def _check_integrity_path(
         )
 
 
+_ACCEPTED_SCHEMAS: set[str] = set()  # canonical JSON of the source schemas check_schema passed
+_MAX_ACCEPTED_SCHEMAS = 32
+
+
+def check_source_schema(schema: Any) -> None:
+    """jsonschema's Draft 2020-12 `check_schema` (raises SchemaError), once per distinct schema.
+
+    It costs ~50 ms for the pack's schema, and every start needs it twice for the same schema:
+    load_pack, then SubmissionValidator (issue 6). A schema it accepted is remembered by its
+    canonical JSON, so an equal schema passes at once; a rejected one is checked every time.
+    """
+    try:
+        key = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):  # not JSON: nothing to remember it by
+        key = None
+    if key is not None and key in _ACCEPTED_SCHEMAS:
+        return
+    jsonschema.Draft202012Validator.check_schema(schema)
+    if key is not None:
+        if len(_ACCEPTED_SCHEMAS) >= _MAX_ACCEPTED_SCHEMAS:
+            _ACCEPTED_SCHEMAS.clear()
+        _ACCEPTED_SCHEMAS.add(key)
+
+
 def _load_source_schema(root: Path, rel: str, problems: list[MappingProblem]) -> dict[str, Any]:
     path = root / rel
     try:
@@ -316,7 +340,7 @@ def _load_source_schema(root: Path, rel: str, problems: list[MappingProblem]) ->
         problems.append(MappingProblem(rel, "", f"malformed JSON: {exc.msg}", exc.lineno))
         return {}
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        check_source_schema(schema)
     except jsonschema.SchemaError as exc:
         pointer = "".join(f"/{escape_pointer_token(p)}" for p in exc.absolute_path)
         problems.append(MappingProblem(rel, pointer, f"not a valid JSON Schema: {exc.message}"))
