@@ -10,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -107,7 +108,10 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
             self.cfg.set("logger_class", logs.GunicornLogger)
             self.cfg.set("loglevel", Settings().log_level.lower())
             self.cfg.set("child_exit", metrics.child_exit)
-            self.cfg.set("post_fork", _worker_started(app))
+            hooks = _WorkerHooks(app)
+            self.cfg.set("post_fork", hooks.post_fork)
+            self.cfg.set("pre_request", hooks.pre_request)
+            self.cfg.set("post_request", hooks.post_request)
 
         def load(self) -> Any:
             return app
@@ -148,21 +152,45 @@ def _start_up_objects_frozen() -> Iterator[None]:
         gc.enable()
 
 
-def _worker_started(app: Any) -> Callable[[Any, Any], None]:
-    """gunicorn's post_fork hook for an app serve built in the master, before forking."""
+#: A worker warms up after its first answer (or this long without one), once it has been
+#: idle for WARM_UP_IDLE_SECONDS: never beside a request it could slow down.
+WARM_UP_AFTER_SECONDS = 1.0
+WARM_UP_IDLE_SECONDS = 0.2
 
-    def post_fork(server: Any, worker: Any) -> None:
-        services = app.extensions["fhirbridge"]
+
+class _WorkerHooks:
+    """gunicorn's hooks for the workers of an app serve built in the master, before forking."""
+
+    def __init__(self, app: Any) -> None:
+        self._services = app.extensions["fhirbridge"]
+        self._answered = threading.Event()
+        self._busy = False
+        self._last_answer = 0.0
+
+    def post_fork(self, server: Any, worker: Any) -> None:
+        self._answered = threading.Event()  # this worker's own
         # The pooled connection of the master's migration check is the master's: a worker
         # must open its own (one socket or SQLite handle used by two processes corrupts).
-        services.store.engine.dispose(close=False)
-        # The R4B models of the emitted types (~0.3 s) in the background, so the first
-        # submission each worker takes does not pay them; /readyz does not wait for them.
-        threading.Thread(
-            target=services.output_validator.warm, name="fhirbridge-warm-up", daemon=True
-        ).start()
+        self._services.store.engine.dispose(close=False)
+        # The emitted types' R4B models (~0.1-0.3 s), in the background so that the first
+        # submission a worker takes does not pay them either (issue 6).
+        threading.Thread(target=self._warm_up, name="fhirbridge-warm-up", daemon=True).start()
 
-    return post_fork
+    def pre_request(self, worker: Any, req: Any) -> None:
+        self._busy = True
+
+    def post_request(self, worker: Any, req: Any, environ: Any, resp: Any) -> None:
+        self._busy = False
+        self._last_answer = time.monotonic()
+        self._answered.set()
+
+    def _warm_up(self) -> None:
+        # Beside a request (the readiness probe first) it would only slow that answer down:
+        # on two cores with two workers, /readyz came ~0.05-0.1 s later (issue 6).
+        self._answered.wait(WARM_UP_AFTER_SECONDS)
+        while self._busy or time.monotonic() - self._last_answer < WARM_UP_IDLE_SECONDS:
+            time.sleep(WARM_UP_IDLE_SECONDS / 4)
+        self._services.output_validator.warm()
 
 
 def _drop_metrics_dir(metrics_dir: tempfile.TemporaryDirectory[str] | None) -> None:

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fhirbridge import create_app, db
-from fhirbridge.cli import _start_up_objects_frozen, _worker_started
+from fhirbridge import cli, create_app, db
+from fhirbridge.cli import _start_up_objects_frozen, _WorkerHooks
 from fhirbridge.fhir.validate import EMITTED_RESOURCE_TYPES, _r4b_model
 from fhirbridge.mapping import pack as mapping_pack
 from fhirbridge.mapping.pack import check_source_schema, load_pack
@@ -148,7 +149,10 @@ def test_serve_turns_the_collector_back_on_when_start_up_fails() -> None:
     assert gc.isenabled()
 
 
-def test_a_forked_worker_opens_its_own_connections_and_warms_up(tmp_path: Path) -> None:
+def test_a_forked_worker_opens_its_own_connections_and_warms_up_after_answering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "WARM_UP_AFTER_SECONDS", 600.0)  # only an answer starts it
     database_url = f"sqlite:///{tmp_path / 'fork.db'}"
     store = ResourceStore.from_url(database_url)
     db.upgrade(store)
@@ -158,13 +162,24 @@ def test_a_forked_worker_opens_its_own_connections_and_warms_up(tmp_path: Path) 
     masters = services.store.engine.pool
     assert masters.checkedin() == 1  # the migration check's connection, kept by the master
     _r4b_model.cache_clear()  # as in a fresh worker: no model looked up yet
+    hooks = _WorkerHooks(app)
     try:
-        _worker_started(app)(None, None)
+        hooks.post_fork(None, None)
         (warm_up,) = [t for t in threading.enumerate() if t.name == "fhirbridge-warm-up"]
-        warm_up.join(timeout=120)
         assert services.store.engine.pool is not masters
         assert services.store.engine.pool.checkedin() == 0
         assert services.store.ping()  # the worker's own connection
+        warm_up.join(timeout=0.3)
+        assert warm_up.is_alive()  # waiting for the worker's first answer
+        hooks.pre_request(None, None)
+        hooks.post_request(None, None, {}, None)
+        hooks.pre_request(None, None)  # answered once, busy again: still not now
+        warm_up.join(timeout=0.5)
+        assert warm_up.is_alive()
+        assert _r4b_model.cache_info().currsize == 0
+        hooks.post_request(None, None, {}, None)
+        warm_up.join(timeout=120)
+        assert not warm_up.is_alive()
         assert _r4b_model.cache_info().currsize == len(EMITTED_RESOURCE_TYPES)
     finally:
         masters.dispose()
@@ -189,3 +204,21 @@ def test_a_schema_is_checked_again_once_it_differs() -> None:
         check_source_schema(schema)
     with pytest.raises(jsonschema.SchemaError):  # a rejected schema is never remembered
         SubmissionValidator(schema)
+
+
+def test_a_worker_without_requests_warms_up_after_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "WARM_UP_AFTER_SECONDS", 0.0)
+    app = create_app(
+        Settings(database_url="sqlite://", db_auto_upgrade=True, mappings_dir=ROOT / "mappings")
+    )
+    _r4b_model.cache_clear()
+    try:
+        _WorkerHooks(app).post_fork(None, None)
+        deadline = time.monotonic() + 120
+        while _r4b_model.cache_info().currsize < len(EMITTED_RESOURCE_TYPES):
+            assert time.monotonic() < deadline, "the worker never warmed up"
+            time.sleep(0.01)
+    finally:
+        app.extensions["fhirbridge"].store.close()
