@@ -777,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
             row
             for concurrency in (1, 2)
             for row in bench_sync(
-                {"smoke": 1, "quick": 2, "full": 3}[size] if args.repeats is None else repeats,
+                {"smoke": 1, "quick": 2, "full": 2}[size] if args.repeats is None else repeats,
                 {"smoke": 60, "quick": 1000, "full": 5000}[size],
                 concurrency,
             )
