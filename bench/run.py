@@ -762,6 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run: tests only")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--worker-queue", type=int, default=None, help="resources queued for the worker's RSS"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -786,7 +789,9 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": lambda: bench_scaling(repeats),
         "memory": lambda: (
             bench_rss_map({"smoke": 200, "quick": 10_000, "full": 100_000}[size])
-            + bench_rss_worker({"smoke": 60, "quick": 10_000, "full": 100_000}[size])
+            + bench_rss_worker(
+                args.worker_queue or {"smoke": 60, "quick": 10_000, "full": 100_000}[size]
+            )
         ),
     }
     info = machine()
