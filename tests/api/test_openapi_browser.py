@@ -12,7 +12,6 @@ skips with that reason, except under CI=true, where it fails.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,55 +23,18 @@ from werkzeug.serving import make_server
 
 from fhirbridge import create_app
 from fhirbridge.settings import Settings
+from tests.browser import headless_chromium
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT = 30  # seconds: a 1.7 MB bundle parsed on two shared cores
 # What goes over a network (the browser's own chrome:// pages and data: URIs do not).
 NETWORK = ("http:", "https:", "ws:", "wss:", "ftp:")
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        _unavailable(
-            f"no headless browser: {', '.join(missing)} missing "
-            "(scripts/install-browser installs Debian's chromium and chromium-driver)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1280,1600",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    service = Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=options)
-    driver.set_page_load_timeout(WAIT)
-    try:
+    with headless_chromium(tmp_path, page_load_timeout=WAIT, logs=True) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ skips with that reason, except under CI=true, where it fails.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 from collections.abc import Iterator
@@ -28,13 +27,12 @@ from fhirbridge.sync.retry import RetryPolicy
 from fhirbridge.sync.runtime import build_runtimes
 from fhirbridge.sync.targets import load_targets
 from fhirbridge.sync.worker import Worker
+from tests.browser import headless_chromium
 from tests.integration.fault_proxy import Fault, FaultProxy
 from tests.ui.support import ADMIN_KEY, DOC, SUBMITTER_KEY, assert_no_phi, make_app
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 TARGET = "research-store"
 WAIT = 15  # seconds for a page to load after a click
 # What the "hospital" answers: a business-rule rejection whose diagnostics echo patient data.
@@ -54,47 +52,10 @@ REJECTION = {
 SERVER_ERROR = "error/business-rule [urn:example:ehr-errors|MPI-404] @ Bundle.entry[0].resource"
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        _unavailable(
-            f"no headless browser: {', '.join(missing)} missing "
-            "(scripts/install-browser installs Debian's chromium and chromium-driver)"
-        )
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _unavailable("selenium is not installed: pip install -e '.[test]'")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1280,1600",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    service = Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=options)
-    driver.set_page_load_timeout(WAIT)
-    try:
+    with headless_chromium(tmp_path, page_load_timeout=WAIT) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 class Served:
