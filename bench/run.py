@@ -178,21 +178,26 @@ def free_port() -> int:
         return port
 
 
-def wait_http(url: str, timeout: float, *, interval: float = 0.005) -> float:
-    """Poll `url` until it answers 200; the monotonic time it did."""
+def wait_http(
+    url: str, timeout: float, *, body: bytes | None = None, interval: float = 0.005
+) -> float:
+    """Poll `url` until it answers 200 to a GET (with `body`: to a JSON POST of it); the
+    monotonic time it did."""
     import http.client
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
+    method = "GET" if body is None else "POST"
+    headers = {} if body is None else {"Content-Type": "application/json"}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=2)
-            conn.request("GET", parts.path)
-            if conn.getresponse().status == 200:
-                conn.close()
-                return time.monotonic()
+            conn = http.client.HTTPConnection(parts.netloc, timeout=2)  # host:port
+            conn.request(method, parts.path, body=body, headers=headers)
+            answered = conn.getresponse().status == 200
             conn.close()
+            if answered:
+                return time.monotonic()
         except OSError:
             pass
         time.sleep(interval)
@@ -348,7 +353,7 @@ def bench_api(repeats: int, seconds: float) -> list[Row]:
         port = free_port()
         server = _gunicorn("bench.trivial_app:create_app()", port, env, conf=False)
         try:
-            wait_http_post(f"http://127.0.0.1:{port}/echo", 60)
+            wait_http(f"http://127.0.0.1:{port}/echo", 60, body=b"{}", interval=0.02)
             loadgen.run(f"http://127.0.0.1:{port}/echo", bodies[:200], seconds=1.0)
             floor = loadgen.run(f"http://127.0.0.1:{port}/echo", bodies, seconds=seconds)
         finally:
@@ -379,26 +384,6 @@ def bench_api(repeats: int, seconds: float) -> list[Row]:
         Row("api", "  latency p50", "ms", p50),
         Row("api", "  latency p99", "ms", p99, floor_p99, target="<= 25 ms", met=tail <= 25),
     ]
-
-
-def wait_http_post(url: str, timeout: float) -> None:
-    import http.client
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=2)
-            conn.request(
-                "POST", parts.path, body=b"{}", headers={"Content-Type": "application/json"}
-            )
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(url)
 
 
 # ------------------------------------------------------------------------------ 3. sync
@@ -464,31 +449,19 @@ def _bare(base_url: str, bundles: list[dict[str, Any]], mode: str) -> float:
     return elapsed
 
 
-def _unsent(store: Any) -> int:
+def _unsent(store: Any, *, by_error: bool = False) -> dict[str, int]:
+    """The deliveries not sent yet, counted by status (`by_error`: by "status: last error", a
+    slower query, for a report); empty once all are sent, so the drain loop polls it cheaply."""
     from sqlalchemy import func, select
 
     from fhirbridge.store.schema import delivery
 
-    with store.engine.connect() as conn:
-        return int(
-            conn.execute(
-                select(func.count()).select_from(delivery).where(delivery.c.status != "sent")
-            ).scalar_one()
-        )
-
-
-def _states(store: Any) -> dict[str, int]:
-    from sqlalchemy import func, select
-
-    from fhirbridge.store.schema import delivery
-
+    keys = (delivery.c.status, delivery.c.last_error) if by_error else (delivery.c.status,)
     with store.engine.connect() as conn:
         rows = conn.execute(
-            select(delivery.c.status, delivery.c.last_error, func.count()).group_by(
-                delivery.c.status, delivery.c.last_error
-            )
+            select(*keys, func.count()).where(delivery.c.status != "sent").group_by(*keys)
         ).all()
-    return {f"{status}: {error}": n for status, error, n in rows}
+    return {": ".join(str(v) for v in row[:-1]): row[-1] for row in rows}
 
 
 def bench_sync(repeats: int, resources: int, concurrency: int) -> list[Row]:
@@ -546,11 +519,11 @@ def bench_sync(repeats: int, resources: int, concurrency: int) -> list[Row]:
                     for t in threads:
                         t.join()
                     ours = time.perf_counter() - start
-                    unsent = _unsent(store)
+                    unsent = _unsent(store, by_error=True)
                     if unsent:  # a figure for a sync that did not finish would mean nothing
                         raise RuntimeError(
-                            f"sync bench ({mode}, {concurrency} in flight): {unsent} resources "
-                            f"not sent: {_states(store)}"
+                            f"sync bench ({mode}, {concurrency} in flight): "
+                            f"{sum(unsent.values())} resources not sent: {unsent}"
                         )
                 finally:
                     for c in clients:
