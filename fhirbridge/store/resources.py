@@ -173,6 +173,8 @@ class _Prepared:
     id: str
     resource: dict[str, Any]
     content_hash: str
+    # Search-index rows, computed before the write lock is taken (they depend on nothing else).
+    index_rows: tuple[dict[str, Any], ...]
 
 
 @dataclass(slots=True)
@@ -221,7 +223,20 @@ def _prepare(resource: Mapping[str, Any]) -> _Prepared:
     rtype, rid = resource.get("resourceType"), resource.get("id")
     if not isinstance(rtype, str) or not rtype or not isinstance(rid, str) or not rid:
         raise ValueError("every resource needs a string resourceType and id")
-    return _Prepared(rtype, rid, dict(resource), _content_hash(resource))
+    rows = tuple(
+        {
+            "resource_type": rtype,
+            "resource_id": rid,
+            "param": row.param,
+            "system": row.system,
+            "value": row.value,
+            "date_lo": row.date_lo,
+            "date_hi": row.date_hi,
+            "ref": row.ref,
+        }
+        for row in extract_index(resource)
+    )
+    return _Prepared(rtype, rid, dict(resource), _content_hash(resource), rows)
 
 
 _T = TypeVar("_T")
@@ -593,25 +608,36 @@ class ResourceStore:
     def _current_states(
         self, conn: Connection, prepared: list[_Prepared]
     ) -> dict[tuple[str, str], _State]:
-        """The current version/hash of every resource of the submission: one query per type
-        (per 500 ids), rows locked on PostgreSQL, in (type, id) order."""
-        by_type: dict[str, set[str]] = defaultdict(set)
-        for p in prepared:
-            by_type[p.resource_type].add(p.id)
+        """The current version/hash of every resource of the submission: one query (per 500
+        resources), rows locked on PostgreSQL, in (type, id) order."""
+        keys = sorted({(p.resource_type, p.id) for p in prepared})
         out: dict[tuple[str, str], _State] = {}
-        for rtype in sorted(by_type):
-            for ids in _chunks(sorted(by_type[rtype])):
-                stmt = (
-                    select(_r.id, _r.version_id, _r.deleted, _r.content_hash, _r.last_updated)
-                    .where(_r.resource_type == rtype, _r.id.in_(ids))
-                    .order_by(_r.id)
+        for chunk in _chunks(keys):
+            by_type: dict[str, list[str]] = defaultdict(list)
+            for rtype, rid in chunk:
+                by_type[rtype].append(rid)
+            stmt = (
+                select(
+                    _r.resource_type,
+                    _r.id,
+                    _r.version_id,
+                    _r.deleted,
+                    _r.content_hash,
+                    _r.last_updated,
                 )
-                if self._lock_rows:
-                    stmt = stmt.with_for_update()
-                for row in conn.execute(stmt):
-                    out[(rtype, row.id)] = _State(
-                        row.version_id, bool(row.deleted), row.content_hash, row.last_updated
+                .where(
+                    or_(
+                        *(and_(_r.resource_type == t, _r.id.in_(ids)) for t, ids in by_type.items())
                     )
+                )
+                .order_by(_r.resource_type, _r.id)
+            )
+            if self._lock_rows:
+                stmt = stmt.with_for_update()
+            for row in conn.execute(stmt):
+                out[(row.resource_type, row.id)] = _State(
+                    row.version_id, bool(row.deleted), row.content_hash, row.last_updated
+                )
         return out
 
     def _current_json(
@@ -642,20 +668,7 @@ class ResourceStore:
                         _si.resource_type == rtype, _si.resource_id.in_(chunk)
                     )
                 )
-        rows = [
-            {
-                "resource_type": key[0],
-                "resource_id": key[1],
-                "param": row.param,
-                "system": row.system,
-                "value": row.value,
-                "date_lo": row.date_lo,
-                "date_hi": row.date_hi,
-                "ref": row.ref,
-            }
-            for key in sorted(final)
-            for row in extract_index(final[key][0].resource)
-        ]
+        rows = [row for key in sorted(final) for row in final[key][0].index_rows]
         if rows:
             conn.execute(insert(search_index), rows)
 
