@@ -182,5 +182,9 @@ delivery = Table(
     Column("queued_at", BigInteger, nullable=False),  # µs: when the wanted version was queued
     Column("updated_at", BigInteger, nullable=False),  # µs
     Index(None, "status", "next_attempt_at"),
-    Index(None, "target", "patient_ref"),
+    # Outbox.claim's two reads (migration 0002): the target's oldest due row, in next_attempt_at
+    # order without a sort, then that patient's due rows. Without them both read every row of
+    # the target: ~430 ms per claim at 96k rows queued, against ~0.2 ms for the two reads.
+    Index(None, "target", "next_attempt_at"),
+    Index(None, "target", "patient_ref", "resource_type", "resource_id"),
 )
