@@ -114,6 +114,19 @@ def _matches(index: Any, criterion: Criterion, *, probe: bool = False) -> Column
     )
 
 
+def _partial_index_terms(criterion: Criterion) -> list[ColumnElement[bool]]:
+    """Terms that let the planner use the partial indexes on date and reference rows (only
+    those rows are in them): true of every row the criterion can match, stated plainly,
+    because neither SQLite nor PostgreSQL infers them through an OR of ranges."""
+    if criterion.param.type == "date":
+        return [_si.date_lo.is_not(None), _si.date_hi.is_not(None)]
+    if criterion.param.type == "reference" and all(
+        isinstance(v, ReferenceValue) and v.ref is not None for v in criterion.values
+    ):
+        return [_si.ref.is_not(None)]
+    return []
+
+
 def _rank(criterion: Criterion) -> int:
     sp = criterion.param
     if sp.name == "identifier":
@@ -147,7 +160,9 @@ def where_clause(rtype: str, query: SearchQuery) -> ColumnElement[bool]:
     if indexed and not by_id:
         driver = min(indexed, key=_rank)
         indexed.remove(driver)
-        driving = select(_si.resource_id).where(_si.resource_type == rtype, _matches(_si, driver))
+        driving = select(_si.resource_id).where(
+            _si.resource_type == rtype, _matches(_si, driver), *_partial_index_terms(driver)
+        )
         conditions.append(_r.id.in_(driving.scalar_subquery()))
     for criterion in indexed:
         probe = search_index.alias()
