@@ -97,6 +97,7 @@ submissions = Table(
     Column("summary", Text, nullable=False),  # JSON (orjson)
     UniqueConstraint("source", "content_hash"),
     Index(None, "patient_id"),
+    Index(None, "received_at"),  # the console's newest-first list (migration 0004)
 )
 
 # The current version of every resource (deleted ones keep their row, content NULL).

@@ -1,10 +1,11 @@
-"""Searches driven by a date or a reference read the partial indexes (migration 0003): the
-plans of the statements `ResourceStore.search` really runs, on a migrated SQLite file that was
-never ANALYZEd, and the answers they give."""
+"""Query plans on a migrated SQLite file that was never ANALYZEd, read from the statements the
+code really runs, with the answers they give: searches driven by a date or a reference use the
+partial indexes (migration 0003); the console's newest submissions, received_at (0004)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from sqlalchemy import event
 from fhirbridge import db
 from fhirbridge.store.query import parse_search
 from fhirbridge.store.resources import ResourceStore
+from fhirbridge.sync.outbox import Outbox, Route
+from fhirbridge.ui.queries import recent_submissions
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -47,32 +50,39 @@ def store(tmp_path: Path) -> Iterator[ResourceStore]:
                 _observation(f"o{n}", patient, when),
             ],
             summary={},
-            now=NOW,
+            now=NOW.replace(minute=n),
         )
     yield store
     store.close()
 
 
-def _search(store: ResourceStore, items: list[tuple[str, str]]) -> tuple[list[str], str]:
-    """The ids found, and the plans of every SELECT the search ran."""
+@contextmanager
+def _plans(store: ResourceStore) -> Iterator[list[str]]:
+    """Collects the plan of every SELECT run inside the block (filled in when it ends)."""
     reads: list[tuple[str, Any]] = []
+    plans: list[str] = []
 
     def capture(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
-        reads.append((statement, params))
+        if statement.lstrip().upper().startswith("SELECT"):
+            reads.append((statement, params))
 
     event.listen(store.engine, "before_cursor_execute", capture)
     try:
-        page = store.search("Observation", parse_search("Observation", items))
+        yield plans
     finally:
         event.remove(store.engine, "before_cursor_execute", capture)
     with store.engine.connect() as conn:
-        plans = " | ".join(
-            row[3]
+        plans.extend(
+            " | ".join(row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
             for sql, params in reads
-            if sql.lstrip().upper().startswith("SELECT")
-            for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params)
         )
-    return sorted(e.id for e in page.entries), plans
+
+
+def _search(store: ResourceStore, items: list[tuple[str, str]]) -> tuple[list[str], str]:
+    """The ids found, and the plans of every SELECT the search ran."""
+    with _plans(store) as plans:
+        page = store.search("Observation", parse_search("Observation", items))
+    return sorted(e.id for e in page.entries), " | ".join(plans)
 
 
 @pytest.mark.parametrize(
@@ -103,3 +113,16 @@ def test_date_and_reference_searches_use_the_partial_indexes(
     ids, plans = _search(store, items)
     assert ids == found
     assert f"USING INDEX {index}" in plans or f"USING COVERING INDEX {index}" in plans, plans
+
+
+def test_the_consoles_newest_submissions_are_read_from_the_received_at_index(
+    store: ResourceStore,
+) -> None:
+    """Migration 0004: /ui's list reads the newest rows from the end of the index instead of
+    sorting the whole submission table."""
+    with _plans(store) as plans:
+        views = recent_submissions(store, Outbox(store, [Route("ehr")]), ["ehr"], limit=2)
+    assert [v.id for v in views] == ["s3", "s2"]  # the newest first
+    listing = next(p for p in plans if "submission" in p)
+    assert "ix_submission_received_at" in listing, plans
+    assert "USE TEMP B-TREE FOR ORDER BY" not in listing, plans
