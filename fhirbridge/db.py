@@ -12,7 +12,8 @@ FHIRBRIDGE_DB_AUTO_UPGRADE is set. A database created before migrations existed 
 tables, no alembic_version) is adopted by `upgrade`: when its tables, columns, keys, indexes
 and unique constraints are exactly the baseline revision's, it is stamped at the baseline and
 upgraded from there; otherwise nothing is touched and the error names what differs (table,
-column and index names only).
+column and index names only). An index's predicate counts: a partial index is not the
+baseline's whole-table one.
 
 Alembic itself is imported only to migrate, or when a database is not at head: importing it
 costs ~0.15-0.3 s of every start (issue 6), and a start on a database at head only needs the
@@ -37,6 +38,7 @@ from fhirbridge.store.schema import metadata
 if TYPE_CHECKING:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
+    from sqlalchemy.engine.interfaces import ReflectedIndex
 
     from fhirbridge.store.resources import ResourceStore
 
@@ -274,13 +276,27 @@ def ensure_current(store: ResourceStore, *, auto_upgrade: bool) -> SchemaState:
 Shape = dict[str, dict[str, Any]]
 
 
+def _predicate(index: ReflectedIndex) -> str:
+    """A partial index's WHERE as both backends reflect it, parentheses, case and spacing aside
+    (PostgreSQL wraps it in parentheses); "" for a whole-table index."""
+    for key, value in (index.get("dialect_options") or {}).items():
+        if key.endswith("_where") and value is not None:
+            return " ".join(str(value).replace("(", " ").replace(")", " ").lower().split())
+    return ""
+
+
 def _table_shape(conn: Connection, table: str) -> dict[str, Any]:
     insp = inspect(conn)
     return {
         "columns": sorted((c["name"], bool(c["nullable"])) for c in insp.get_columns(table)),
         "primary key": sorted(insp.get_pk_constraint(table)["constrained_columns"]),
         "indexes": sorted(
-            (str(i["name"]), tuple(map(str, i["column_names"])), bool(i["unique"]))
+            (
+                str(i["name"]),
+                tuple(map(str, i["column_names"])),
+                bool(i["unique"]),
+                _predicate(i),
+            )
             for i in insp.get_indexes(table)
             if not i.get("duplicates_constraint")
         ),
@@ -295,8 +311,8 @@ def _table_shape(conn: Connection, table: str) -> dict[str, Any]:
 
 
 def schema_shape(conn: Connection, tables: set[str]) -> Shape:
-    """Names, nullability, keys, indexes and unique constraints of those of `tables` that
-    exist: what two backends agree on, types aside."""
+    """Names, nullability, keys, indexes (predicates included) and unique constraints of those
+    of `tables` that exist: what two backends agree on, types aside."""
     present = set(inspect(conn).get_table_names()) & tables
     return {table: _table_shape(conn, table) for table in sorted(present)}
 

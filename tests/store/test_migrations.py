@@ -29,9 +29,7 @@ from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from sqlalchemy import (
     Column,
-    Index,
     Integer,
-    MetaData,
     Table,
     create_engine,
     event,
@@ -47,6 +45,7 @@ from fhirbridge.settings import Settings
 from fhirbridge.store.resources import ResourceStore
 from fhirbridge.store.schema import delivery, metadata, submissions
 from fhirbridge.sync.outbox import Outbox, Route
+from tests.store import pre_migration_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = set(metadata.tables)
@@ -212,27 +211,9 @@ def test_a_new_sqlite_file_being_written_is_waited_for(tmp_path: Path) -> None:
 # ------------------------------------------------------------- databases made by create_all
 
 
-def _pre_migration_metadata() -> MetaData:
-    """schema.py as it was before migrations existed: today's tables, with what revisions after
-    the baseline changed put back (0002: the claim's indexes on sync_delivery)."""
-    old = MetaData(naming_convention=metadata.naming_convention)
-    for table in metadata.sorted_tables:
-        table.to_metadata(old)
-    sync_delivery = old.tables["sync_delivery"]
-    added = {
-        ("target", "next_attempt_at"),
-        ("target", "patient_ref", "resource_type", "resource_id"),
-    }
-    for index in list(sync_delivery.indexes):
-        if tuple(c.name for c in index.columns) in added:
-            sync_delivery.indexes.remove(index)
-    Index(None, sync_delivery.c.target, sync_delivery.c.patient_ref)
-    return old
-
-
 def _legacy(store: ResourceStore) -> None:
     """What fhirbridge did before migrations: create_all of its metadata then, some data."""
-    _pre_migration_metadata().create_all(store.engine)
+    pre_migration_schema.metadata.create_all(store.engine)
     with store.engine.begin() as conn:
         conn.execute(
             submissions.insert().values(
@@ -260,9 +241,8 @@ def test_pre_migration_database_is_adopted_with_its_data(store: ResourceStore) -
 
 
 def test_pre_migration_database_is_the_baseline_revision(store: ResourceStore) -> None:
-    """What create_all made before migrations is exactly what revision 0001 makes (what adoption
-    compares with): when a later revision changes a table, _pre_migration_metadata must put the
-    old definition back, or the adoption tests would test today's schema instead."""
+    """What create_all made before migrations is exactly what revision 0001 makes, which is what
+    adoption compares with (index predicates included)."""
     _legacy(store)
     with store.engine.connect() as conn:
         assert db.schema_shape(conn, OURS) == db._baseline_shape()
@@ -272,7 +252,7 @@ def test_database_made_by_todays_create_all_is_not_adopted(store: ResourceStore)
     """Adoption is for databases made before migrations, whose schema is the baseline's: tables
     made since by create_all of today's schema.py (never done by fhirbridge) are left alone."""
     metadata.create_all(store.engine)
-    with pytest.raises(db.SchemaNotCurrentError, match="sync_delivery: indexes differ"):
+    with pytest.raises(db.SchemaNotCurrentError, match="indexes differ"):
         db.upgrade(store)
     assert "alembic_version" not in _tables(store)
 
@@ -282,11 +262,20 @@ def test_pre_migration_database_that_differs_is_not_touched(store: ResourceStore
     with store.engine.begin() as conn:
         conn.execute(text("DROP TABLE sync_delivery"))
         conn.execute(text("DROP INDEX ix_submission_patient_id"))
+        # same name and columns, but partial: not the baseline's index either
+        conn.execute(text("DROP INDEX ix_fhir_search_index_ref_resource_type_param"))
+        conn.execute(
+            text(
+                "CREATE INDEX ix_fhir_search_index_ref_resource_type_param "
+                "ON fhir_search_index (ref, resource_type, param) WHERE ref IS NOT NULL"
+            )
+        )
     with pytest.raises(db.SchemaNotCurrentError) as caught:
         db.upgrade(store)
     message = str(caught.value)
     assert "table sync_delivery is missing" in message
     assert "submission: indexes differ" in message
+    assert "fhir_search_index: indexes differ" in message
     assert "alembic_version" not in _tables(store)
     assert db.state(store).kind == "unversioned"
 
