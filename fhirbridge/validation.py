@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import date, datetime
+from functools import lru_cache
 from typing import Any
 
 import jsonschema
@@ -214,10 +215,20 @@ def check_integrity(document: dict[str, Any], integrity: Integrity) -> list[Issu
                 )
             else:
                 first_seen[value] = where
+    # The ids of a collection, by its path: several references point at the same one.
+    all_ids: dict[str, set[Any]] = {}
+
+    def ids_in(to: str) -> set[Any]:
+        ids = all_ids.get(to)
+        if ids is None:
+            ids = all_ids[to] = _target_ids(document, to, None)
+        return ids
+
     for ref in integrity.references:
-        targets = _target_ids(document, ref["to"], ref.get("where"))
+        condition = ref.get("where")
+        targets = _target_ids(document, ref["to"], condition) if condition else ids_in(ref["to"])
         # A filtered rule only speaks of ids that exist: a missing id is the plain rule's problem.
-        existing = _target_ids(document, ref["to"], None) if ref.get("where") else None
+        existing = ids_in(ref["to"]) if condition else None
         message = ref.get("message") or f"refers to an id that is not in {ref['to']}"
         for value, where in _values(document, ref["from"]):
             if not isinstance(value, str | int):
@@ -242,11 +253,18 @@ def check_integrity(document: dict[str, Any], integrity: Integrity) -> list[Issu
     return issues
 
 
-def _values(document: dict[str, Any], path: str) -> list[tuple[Any, str]]:
+@lru_cache(maxsize=256)
+def _steps(path: str) -> tuple[str | int | object, ...] | None:
+    """The parsed steps of an integrity path (a handful per pack, parsed once each)."""
     parsed = parse_path("$." + path)
-    if parsed is None:
+    return None if parsed is None else tuple(parsed[1])
+
+
+def _values(document: dict[str, Any], path: str) -> list[tuple[Any, str]]:
+    steps = _steps(path)
+    if steps is None:
         return []
-    return list(walk_with_paths(document, parsed[1], ""))
+    return walk_with_paths(document, steps, "")
 
 
 def _target_ids(document: dict[str, Any], to: str, where: dict[str, Any] | None) -> set[Any]:

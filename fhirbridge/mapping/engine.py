@@ -15,7 +15,7 @@ from fhirbridge.mapping.pack import CompiledRule, MappingPack
 from fhirbridge.mapping.r4 import identifier_cardinality
 
 
-@dataclass
+@dataclass(slots=True)
 class Produced:
     """One output resource with the source record it came from and the rule that made it."""
 
@@ -85,7 +85,9 @@ def map_submission(
     base_vars["source"] = source
     base_vars["submission_hash"] = digest
     patient_id = pack.patient_expr(probe) if pack.patient_expr else None
-    submission_id = pack.identity.resource_id(str(source), "submission", digest)
+    source_text = str(source)
+    identity = pack.identity
+    submission_id = identity.resource_id(source_text, "submission", digest)
 
     ctx = Ctx(vars=dict(base_vars))
     produced: list[Produced] = []
@@ -94,6 +96,8 @@ def map_submission(
     traces: dict[str, list[dict[str, Any]]] | None = {} if trace else None
 
     for rule in pack.rules:
+        system: str | None = None  # the rule's identifier system, made once per run
+        cardinality = identifier_cardinality(rule.resource)
         for item, path in _items(rule, submission):
             ctx.vars = dict(base_vars)
             ctx.vars[""] = item
@@ -104,13 +108,15 @@ def map_submission(
             if rule.when is not None and not truthy(rule.when(ctx)):
                 continue
             key = _key(rule, ctx)
-            rid = pack.identity.resource_id(str(source), rule.kind, key)
+            rid = identity.run_resource_id(ctx, source_text, rule.kind, key)
             ctx.vars["id"] = rid
             if traces is not None:
                 body, body_trace = rule.template_traced(ctx)
             else:
                 body, body_trace = rule.template(ctx), None
-            resource = _assemble(rule, rid, pack.identity.system(str(source), rule.kind), key, body)
+            if system is None:
+                system = identity.system(source_text, rule.kind)
+            resource = _assemble(rule.resource, cardinality, rid, system, key, body)
             ident = (rule.resource, rid)
             if ident in seen:
                 earlier = produced[seen[ident]]
@@ -163,11 +169,13 @@ def _record_id(item: Any) -> Any:
 
 
 def _key(rule: CompiledRule, ctx: Ctx) -> str:
-    parts = []
-    for fn in rule.key:
-        value = fn(ctx)
-        parts.append("" if value is None else str(value))
-    key = "|".join(parts)
+    if len(rule.key) == 1:
+        value = rule.key[0](ctx)
+        key = "" if value is None else str(value)
+    else:
+        key = "|".join(
+            "" if value is None else str(value) for value in (fn(ctx) for fn in rule.key)
+        )
     if not key.strip("|"):
         raise OutputInvalidError(
             "a record has no identity key",
@@ -177,15 +185,22 @@ def _key(rule: CompiledRule, ctx: Ctx) -> str:
 
 
 def _assemble(
-    rule: CompiledRule, rid: str, system: str, key: str, body: dict[str, Any] | None
+    resource_type: str,
+    cardinality: str | None,
+    rid: str,
+    system: str,
+    key: str,
+    body: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """resourceType, id, meta first; the engine's own identifier leads the identifier list."""
+    """resourceType, id, meta first; the engine's own identifier leads the identifier list.
+
+    `cardinality` is :func:`identifier_cardinality` of `resource_type`.
+    """
     body = body or {}
-    resource: dict[str, Any] = {"resourceType": rule.resource, "id": rid}
+    resource: dict[str, Any] = {"resourceType": resource_type, "id": rid}
     if "meta" in body:
         resource["meta"] = body["meta"]
     own = {"system": system, "value": key}
-    cardinality = identifier_cardinality(rule.resource)
     if cardinality == "many":
         extra = body.get("identifier")
         resource["identifier"] = [own, *(extra if isinstance(extra, list) else [])]
