@@ -98,7 +98,7 @@ def map_lines(
             continue
         for resource in resources:
             if output == "ndjson":
-                out.write(orjson.dumps(resource) + b"\n")
+                out.write(orjson.dumps(resource, option=orjson.OPT_APPEND_NEWLINE))
                 stats.resources += 1
                 continue
             key = (resource["resourceType"], resource["id"])

@@ -16,7 +16,7 @@ import jsonschema_rs
 from jsonschema import FormatChecker, ValidationError
 
 from fhirbridge.errors import Issue
-from fhirbridge.mapping.expr import parse_path, walk_with_paths
+from fhirbridge.mapping.expr import parse_path, walk_values, walk_with_paths
 from fhirbridge.mapping.pack import Integrity, check_source_schema
 
 _FORMAT_NAMES = {
@@ -197,10 +197,20 @@ def _issue(error: ValidationError) -> Issue:
 # ---------------------------------------------------------------- integrity
 
 
+_ID_TYPES = (str, int)  # what an id may be; a tuple, as `str | int` is made anew at each test
+
+
 def check_integrity(document: dict[str, Any], integrity: Integrity) -> list[Issue]:
-    """Duplicate ids, dangling references and reversed periods, with the path of each."""
+    """Duplicate ids, dangling references and reversed periods, with the path of each.
+
+    Each rule is first checked on the bare values; only a rule that finds a problem walks the
+    document again for the paths to report (most documents have none).
+    """
     issues: list[Issue] = []
     for path in integrity.unique:
+        found = [value for value in _plain(document, path) if isinstance(value, _ID_TYPES)]
+        if len(set(found)) == len(found):
+            continue
         first_seen: dict[Any, str] = {}
         for value, where in _values(document, path):
             if not isinstance(value, str | int):
@@ -229,6 +239,13 @@ def check_integrity(document: dict[str, Any], integrity: Integrity) -> list[Issu
         targets = _target_ids(document, ref["to"], condition) if condition else ids_in(ref["to"])
         # A filtered rule only speaks of ids that exist: a missing id is the plain rule's problem.
         existing = ids_in(ref["to"]) if condition else None
+        if all(
+            not isinstance(value, _ID_TYPES)
+            or (existing is not None and value not in existing)
+            or value in targets
+            for value in _plain(document, ref["from"])
+        ):
+            continue
         message = ref.get("message") or f"refers to an id that is not in {ref['to']}"
         for value, where in _values(document, ref["from"]):
             if not isinstance(value, str | int):
@@ -238,11 +255,10 @@ def check_integrity(document: dict[str, Any], integrity: Integrity) -> list[Issu
             if value not in targets:
                 issues.append(Issue(message, (where,), code="not-found"))
     for order in integrity.order:
+        if not any(_reversed(item, order) for item in _plain(document, order["each"])):
+            continue
         for item, where in _values(document, order["each"]):
-            if not isinstance(item, dict):
-                continue
-            first, then = _instant(item.get(order["first"])), _instant(item.get(order["then"]))
-            if first is not None and then is not None and then < first:
+            if _reversed(item, order):
                 issues.append(
                     Issue(
                         f"{order['then']} is before {order['first']}",
@@ -267,16 +283,32 @@ def _values(document: dict[str, Any], path: str) -> list[tuple[Any, str]]:
     return walk_with_paths(document, steps, "")
 
 
+def _plain(document: dict[str, Any], path: str) -> list[Any]:
+    """The values of :func:`_values`, in the same order, without making their paths."""
+    steps = _steps(path)
+    if steps is None:
+        return []
+    return walk_values(document, steps)
+
+
+def _reversed(item: Any, order: dict[str, str]) -> bool:
+    """An item whose `then` instant is before its `first` one."""
+    if not isinstance(item, dict):
+        return False
+    first, then = _instant(item.get(order["first"])), _instant(item.get(order["then"]))
+    return first is not None and then is not None and then < first
+
+
 def _target_ids(document: dict[str, Any], to: str, where: dict[str, Any] | None) -> set[Any]:
     collection, _, field_name = to.rpartition(".")
     ids = set()
-    for item, _ in _values(document, collection):
+    for item in _plain(document, collection):
         if not isinstance(item, dict):
             continue
         if where and any(item.get(k) != v for k, v in where.items()):
             continue
         value = item.get(field_name)
-        if isinstance(value, str | int):
+        if isinstance(value, _ID_TYPES):
             ids.add(value)
     return ids
 

@@ -300,6 +300,40 @@ def walk_with_paths(
     return out
 
 
+def walk_values(value: Any, steps: Sequence[str | int | object]) -> list[Any]:
+    """The items :func:`walk_with_paths` gives, in the same order, without their paths."""
+    level: list[Any] = [] if value is None else [value]
+    for step in steps:
+        reached: list[Any] = []
+        if step is _WILDCARD:
+            for node in level:
+                if isinstance(node, list):
+                    reached.extend(item for item in node if item is not None)
+        elif isinstance(step, str):
+            for node in level:
+                if isinstance(node, dict):
+                    child = node.get(step)
+                    if child is not None:
+                        reached.append(child)
+        else:
+            assert isinstance(step, int)
+            for node in level:
+                if isinstance(node, list) and -len(node) <= step < len(node):
+                    child = node[step]
+                    if child is not None:
+                        reached.append(child)
+        level = reached
+        if not level:
+            return level
+    out: list[Any] = []
+    for node in level:
+        if isinstance(node, list):
+            out.extend(item for item in node if item is not None)
+        else:
+            out.append(node)
+    return out
+
+
 # ---------------------------------------------------------------- compiler
 
 _OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
