@@ -624,10 +624,50 @@ def bench_scaling(repeats: int) -> list[Row]:
     ]
 
 
-def _peak_rss_mb(proc: subprocess.Popen[Any]) -> float:
-    _pid, _status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = 0
-    return usage.ru_maxrss / 1024.0  # kB on Linux
+class HighWater:
+    """A child's peak RSS: VmHWM from /proc/<pid>/status, read every 20 ms while it runs.
+
+    Not wait4's ru_maxrss: Linux carries the pre-exec memory image into it, so a child
+    started by this process (which holds every queued resource) would be charged for the
+    parent's memory at fork time (a /bin/true started from a 600 MB parent reports 611 MB).
+    VmHWM belongs to the process's own image, from its exec on.
+    """
+
+    def __init__(self, proc: subprocess.Popen[Any]) -> None:
+        self._status = Path(f"/proc/{proc.pid}/status")
+        self._proc = proc
+        self._kb = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            text = self._status.read_text()
+        except OSError:
+            return
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                self._kb = max(self._kb, int(line.split()[1]))
+
+    def _watch(self) -> None:
+        while not self._done.is_set() and self._proc.poll() is None:
+            self._read()
+            self._done.wait(0.02)
+
+    def mb(self) -> float:
+        """The peak so far (read once more now, when the process is still there)."""
+        self._read()
+        return self._kb / 1024.0
+
+    def wait(self) -> float:
+        """Wait for the process to end; its peak."""
+        self._thread.join()
+        self._proc.wait()
+        self._done.set()
+        if not self._kb:
+            raise RuntimeError("no VmHWM read from /proc: the process ended at once")
+        return self._kb / 1024.0
 
 
 def bench_rss_map(submissions: int) -> list[Row]:
@@ -644,7 +684,7 @@ def bench_rss_map(submissions: int) -> list[Row]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        rss = _peak_rss_mb(proc)
+        rss = HighWater(proc).wait()
         elapsed = time.monotonic() - start
     return [
         Row(
@@ -692,6 +732,7 @@ def bench_rss_worker(resources: int) -> list[Row]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        high_water = HighWater(proc)
         try:
             while True:
                 time.sleep(1.0)
@@ -704,8 +745,9 @@ def bench_rss_worker(resources: int) -> list[Row]:
                 if not left or proc.poll() is not None:
                     break
             elapsed = time.monotonic() - start
+            rss = high_water.mb()
             proc.send_signal(signal.SIGTERM)
-            rss = _peak_rss_mb(proc)
+            high_water.wait()
         finally:
             if proc.returncode is None:
                 proc.kill()
