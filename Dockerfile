@@ -41,4 +41,7 @@ EXPOSE 8080
 # Ready = database reachable and at the latest migration, mappings loaded (503 otherwise).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=4)"]
+# The master checks the bind, settings, mappings and migrations and builds the app once, before
+# any socket or worker exists (fhirbridge/gunicorn_conf.py): a refusal is one log line and exit
+# status 2; the workers are forked from the built app and share its memory.
 CMD ["gunicorn", "-c", "python:fhirbridge.gunicorn_conf", "fhirbridge:create_app()"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -10,9 +9,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -77,14 +73,17 @@ def _configure_logging() -> None:
 )
 def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
     """Serve the HTTP API with gunicorn (database: FHIRBRIDGE_DATABASE_URL, default SQLite)."""
-    with _start_up_objects_frozen():
+    from fhirbridge.gunicorn_conf import WorkerHooks, start_up_objects_frozen
+
+    with start_up_objects_frozen():
         from gunicorn.app.base import BaseApplication
 
         from fhirbridge import create_app, logs, metrics
         from fhirbridge.auth import AuthConfigError
         from fhirbridge.db import SchemaNotCurrentError
 
-        _check_bind(host, port)
+        settings = Settings()
+        _check_bind(host, port, settings)
         metrics_dir = None
         if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several gunicorn workers: /metrics must add up every worker's counters, which
@@ -93,7 +92,7 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
             metrics_dir = tempfile.TemporaryDirectory(prefix="fhirbridge-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
         try:
-            app = create_app()
+            app = create_app(settings)
         except (MappingConfigError, SchemaNotCurrentError, AuthConfigError) as exc:
             _drop_metrics_dir(metrics_dir)
             click.echo(str(exc), err=True)
@@ -106,10 +105,12 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
             self.cfg.set("accesslog", None)  # fhirbridge.access logs each request instead
             # gunicorn's own error log as JSON lines through the root handler (fhirbridge.logs)
             self.cfg.set("logger_class", logs.GunicornLogger)
-            self.cfg.set("loglevel", Settings().log_level.lower())
+            self.cfg.set("loglevel", settings.log_level.lower())
             self.cfg.set("child_exit", metrics.child_exit)
-            hooks = _WorkerHooks(app)
-            self.cfg.set("post_fork", hooks.post_fork)
+            # The app was built here, in the master: the workers fork from it (gunicorn's
+            # preload; fhirbridge.gunicorn_conf does the same for the container).
+            hooks = WorkerHooks(app)
+            self.cfg.set("post_worker_init", hooks.post_worker_init)
             self.cfg.set("pre_request", hooks.pre_request)
             self.cfg.set("post_request", hooks.post_request)
 
@@ -117,7 +118,6 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
             return app
 
     log.info("fhirbridge serving on http://%s:%d (FHIR API at /fhir)", host, port)
-    settings = Settings()
     sync = None
     if settings.targets and with_worker:
         # The embedded default runs one sync worker beside the server: its own process, so it
@@ -133,66 +133,6 @@ def serve(host: str, port: int, workers: int, with_worker: bool) -> None:
         _drop_metrics_dir(metrics_dir)
 
 
-@contextmanager
-def _start_up_objects_frozen() -> Iterator[None]:
-    """No cyclic garbage collection while serve builds the app, then freeze what it built.
-
-    Start-up makes ~200,000 objects that live as long as the server (modules, models, the
-    schema, the app); each collection would only walk them again, ~10% of start-up (issue 6).
-    gc.freeze() leaves them out of every later collection, in the workers too, which also keeps
-    the pages the workers share with the master unwritten (the recipe of the gc module's docs:
-    disable early, freeze before fork). The collector is back on however the block ends; the
-    little cyclic garbage start-up made is frozen with the rest.
-    """
-    gc.disable()
-    try:
-        yield
-        gc.freeze()
-    finally:
-        gc.enable()
-
-
-#: A worker warms up after its first answer (or this long without one), once it has been
-#: idle for WARM_UP_IDLE_SECONDS: never beside a request it could slow down.
-WARM_UP_AFTER_SECONDS = 1.0
-WARM_UP_IDLE_SECONDS = 0.2
-
-
-class _WorkerHooks:
-    """gunicorn's hooks for the workers of an app serve built in the master, before forking."""
-
-    def __init__(self, app: Any) -> None:
-        self._services = app.extensions["fhirbridge"]
-        self._answered = threading.Event()
-        self._busy = False
-        self._last_answer = 0.0
-
-    def post_fork(self, server: Any, worker: Any) -> None:
-        self._answered = threading.Event()  # this worker's own
-        # The pooled connection of the master's migration check is the master's: a worker
-        # must open its own (one socket or SQLite handle used by two processes corrupts).
-        self._services.store.engine.dispose(close=False)
-        # The emitted types' R4B models (~0.1-0.3 s), in the background so that the first
-        # submission a worker takes does not pay them either (issue 6).
-        threading.Thread(target=self._warm_up, name="fhirbridge-warm-up", daemon=True).start()
-
-    def pre_request(self, worker: Any, req: Any) -> None:
-        self._busy = True
-
-    def post_request(self, worker: Any, req: Any, environ: Any, resp: Any) -> None:
-        self._busy = False
-        self._last_answer = time.monotonic()
-        self._answered.set()
-
-    def _warm_up(self) -> None:
-        # Beside a request (the readiness probe first) it would only slow that answer down:
-        # on two cores with two workers, /readyz came ~0.05-0.1 s later (issue 6).
-        self._answered.wait(WARM_UP_AFTER_SECONDS)
-        while self._busy or time.monotonic() - self._last_answer < WARM_UP_IDLE_SECONDS:
-            time.sleep(WARM_UP_IDLE_SECONDS / 4)
-        self._services.output_validator.warm()
-
-
 def _drop_metrics_dir(metrics_dir: tempfile.TemporaryDirectory[str] | None) -> None:
     """Undo serve's temporary PROMETHEUS_MULTIPROC_DIR (the environment outlives serve in tests)."""
     if metrics_dir is not None:
@@ -200,13 +140,13 @@ def _drop_metrics_dir(metrics_dir: tempfile.TemporaryDirectory[str] | None) -> N
         metrics_dir.cleanup()
 
 
-def _check_bind(host: str, port: int) -> None:
+def _check_bind(host: str, port: int, settings: Settings) -> None:
     """Authentication may be off only on loopback: exit 2 otherwise, warn loudly if it is off."""
     from fhirbridge.auth import BindRefused, auth_configured, check_bind
 
     bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        warning = check_bind([bind], auth_configured(Settings()))
+        warning = check_bind([bind], auth_configured(settings))
     except BindRefused as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -3,10 +3,11 @@
 The RUN, COPY, WORKDIR and ENV lines of both stages are replayed with the image's paths moved
 into tmp (/opt/venv, /app, /src, /data, /tmp/prometheus) and port 8080 moved to a free one; the
 runtime stage's user creation and chown need root and only concern the image, so they are the
-only steps skipped. Then, as an operator would: the CMD refuses a database without migrations,
-`fhirbridge db upgrade` (the init step) migrates it, the CMD — gunicorn on 0.0.0.0, so with
-authentication, the API key read from a FHIRBRIDGE_AUTH_API_KEYS_FILE secret — answers
-/readyz, the HEALTHCHECK command passes, and `fhirbridge worker` runs until SIGTERM.
+only steps skipped. Then, as an operator would: the CMD refuses a database without migrations
+(one error line, exit status 2), `fhirbridge db upgrade` (the init step) migrates it, the CMD —
+gunicorn on 0.0.0.0, so with authentication, the API key read from a
+FHIRBRIDGE_AUTH_API_KEYS_FILE secret — answers /readyz, the HEALTHCHECK command passes, and
+`fhirbridge worker` runs until SIGTERM.
 
 It installs every dependency from a package index: skipped with the reason when pip cannot
 reach one (failed under CI=true). It takes a minute or two.
@@ -322,8 +323,14 @@ def test_cmd_refuses_a_database_without_migrations(
         proc.wait(timeout=READY_TIMEOUT)
     finally:
         _stop(proc)
-    assert proc.returncode != 0
-    assert "run `fhirbridge db upgrade`" in log.read_text()
+    text = log.read_text()
+    # The master refuses before binding or forking: one error line and exit 2, as
+    # `fhirbridge serve` (not "Worker failed to boot", exit 3, a traceback per worker).
+    assert proc.returncode == 2, text[-4000:]
+    (line,) = [line for line in text.splitlines() if "run `fhirbridge db upgrade`" in line]
+    assert json.loads(line)["level"] == "ERROR"
+    assert "Traceback" not in text
+    assert "Booting worker" not in text and "Listening at" not in text
 
 
 def test_migrate_then_serve_then_work(built: Built, api_key: str, tmp_path: Path) -> None:
