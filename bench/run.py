@@ -554,33 +554,72 @@ def bench_sync(repeats: int, resources: int, concurrency: int) -> list[Row]:
 
 
 def bench_cold_start(repeats: int) -> list[Row]:
-    runs = []
+    """From launching the server to its first 200 from /readyz, on a database at head.
+
+    Two launchers, alternated so that both see the same machine: `fhirbridge serve` and the
+    image's CMD (gunicorn -c python:fhirbridge.gunicorn_conf, two workers, with a
+    PROMETHEUS_MULTIPROC_DIR as the image sets). Settings as a user starts them: API keys and
+    the default rate limit (service_env turns it off for the throughput sections).
+
+    Compiled bytecode, as installed: a wheel and the image carry a .pyc for every module, but
+    this checkout's editable install has none for fhirbridge's own modules when
+    PYTHONDONTWRITEBYTECODE is set, and every launch would compile them again (~0.1 s). So the
+    launches keep their bytecode under a PYTHONPYCACHEPREFIX of their own (the checkout is not
+    written to), which one unmeasured launch of each fills first.
+    """
+    launchers = ("serve", "gunicorn")
+    runs: dict[str, list[float]] = {name: [] for name in launchers}
     with tempfile.TemporaryDirectory() as tmp:
         env, _key = service_env(Path(tmp))
+        del env["FHIRBRIDGE_RATE_LIMIT"]
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
         db_upgrade(env)  # a restart, not a first install: the schema is already there
-        for _ in range(repeats):
+        image_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(Path(tmp) / "prometheus")}
+        Path(image_env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
+
+        def launch(name: str) -> float:
             port = free_port()
             start = time.monotonic()
-            proc = subprocess.Popen(
-                [str(BIN / "fhirbridge"), "serve", "--port", str(port)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            if name == "serve":
+                proc = subprocess.Popen(
+                    [str(BIN / "fhirbridge"), "serve", "--port", str(port)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            else:
+                proc = _gunicorn("fhirbridge:create_app()", port, image_env, conf=True)
             try:
-                runs.append(wait_http(f"http://127.0.0.1:{port}/readyz", 60) - start)
+                return wait_http(f"http://127.0.0.1:{port}/readyz", 60) - start
             finally:
                 stop(proc)
-    median = statistics.median(runs)
+
+        for name in launchers:
+            launch(name)  # fills the bytecode cache: not measured
+        for _ in range(repeats):
+            for name in launchers:
+                runs[name].append(launch(name))
+    extra = {"bytecode": "compiled (PYTHONPYCACHEPREFIX)", "rate_limit": "default"}
     return [
         Row(
             "cold start",
             "fhirbridge serve -> first 200 /readyz",
             "s",
-            runs,
+            runs["serve"],
             target="<= 1 s",
-            met=median <= 1.0,
-        )
+            met=statistics.median(runs["serve"]) <= 1.0,
+            extra=extra,
+        ),
+        Row(
+            "cold start",
+            "  the image's gunicorn CMD -> first 200 /readyz",
+            "s",
+            runs["gunicorn"],
+            target="<= 1 s",
+            met=statistics.median(runs["gunicorn"]) <= 1.0,
+            extra=extra,
+        ),
     ]
 
 
