@@ -74,6 +74,7 @@ EVERYTHING_REFERENCED_TYPES: tuple[str, ...] = ("Medication", "Practitioner")
 
 MAX_ATTEMPTS = 5
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_WAL_AUTOCHECKPOINT_PAGES = 4_000
 _CHUNK = 500  # ids per IN (...) list: far below SQLite's and PostgreSQL's parameter limits
 _RETRY_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 _WRITE_OPTION = "fhirbridge_write"
@@ -292,6 +293,11 @@ def _configure_sqlite(engine: Engine, *, memory: bool) -> None:
             if not memory:
                 _set_wal(cursor)
                 cursor.execute("PRAGMA synchronous=NORMAL")
+                # Checkpoint at 4,000 WAL pages (16 MB) rather than SQLite's 1,000: a submission
+                # writes ~190 pages, and at 1,000 every fifth commit paid a checkpoint and its
+                # fsync. Fewer, larger checkpoints write each hot index page once for more
+                # commits (API bench: ~+10% requests/s, p99 unchanged; see issue 6).
+                cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_AUTOCHECKPOINT_PAGES}")
         finally:
             cursor.close()
 
@@ -299,8 +305,38 @@ def _configure_sqlite(engine: Engine, *, memory: bool) -> None:
     def _on_begin(connection: Connection) -> None:
         # Writers take the write lock at BEGIN (waiting up to busy_timeout) instead of failing
         # with SQLITE_BUSY when a read transaction later tries to upgrade.
-        immediate = connection.get_execution_options().get(_WRITE_OPTION, False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        if connection.get_execution_options().get(_WRITE_OPTION, False):
+            _begin_immediate(connection)
+        else:
+            connection.exec_driver_sql("BEGIN")
+
+
+def _begin_immediate(connection: Connection) -> None:
+    """BEGIN IMMEDIATE, retried every ~0.2 ms while another connection holds the write lock.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25… ms between attempts, so a writer
+    queued behind a 4 ms transaction typically wakes at 8 ms and the lock sits idle in
+    between, while every gunicorn worker's submission queues for it. Polling keeps the same
+    bound (busy_timeout) and wakes within a fraction of a millisecond; each attempt costs
+    microseconds. (API bench, 2 workers: ~1.3 ms of lock wait per request, ~+5% requests/s.)
+    """
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        while time.monotonic() < deadline:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    break  # raised, wrapped as usual, by the attempt below
+            time.sleep(0.0002)
+        # The last attempt goes through SQLAlchemy, so a failure is its usual OperationalError.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 class ResourceStore:
