@@ -39,7 +39,6 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -774,8 +773,13 @@ class ResourceStore:
         """The current, not deleted, versions of several resources, by (type, id), in one
         query per chunk; absent or deleted ones are missing from the result."""
         found: dict[tuple[str, str], StoredVersion] = {}
+        wanted = set(keys)
+        if not wanted:
+            return found
         with self._read() as conn:
-            for chunk in _chunks(list(keys)):
+            for chunk in _chunks(sorted(wanted)):
+                # type IN … AND id IN …, not a row-value IN of the pairs: that one is no index
+                # lookup on SQLite, which reads the whole table for it. Rows read: a superset.
                 rows = conn.execute(
                     select(
                         _r.resource_type,
@@ -784,10 +788,13 @@ class ResourceStore:
                         _r.last_updated,
                         _r.deleted,
                         _r.content,
-                    ).where(tuple_(_r.resource_type, _r.id).in_(chunk))
+                    ).where(
+                        _r.resource_type.in_(sorted({t for t, _ in chunk})),
+                        _r.id.in_(sorted({i for _, i in chunk})),
+                    )
                 )
                 for row in rows:
-                    if not row.deleted:
+                    if not row.deleted and (row.resource_type, row.id) in wanted:
                         found[(row.resource_type, row.id)] = _stored(row)
         return found
 

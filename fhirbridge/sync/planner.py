@@ -1054,6 +1054,8 @@ def _resolve(ctx: _Ctx, item: _Item) -> None:
         return
     if item.action not in ("write", "update"):
         return
+    if _resolve_unchanged(ctx, item):
+        return
     body = _copy(item.due.resource)
     removed = False
     encounter_known = False
@@ -1099,6 +1101,36 @@ def _resolve(ctx: _Ctx, item: _Item) -> None:
         assert item.delivered is not None
         body["id"] = item.delivered.split("/", 1)[1]
     item.body = body
+
+
+def _resolve_unchanged(ctx: _Ctx, item: _Item) -> bool:
+    """`_resolve` without the walk of the resource's tree, for the common case where no
+    reference changes: each one is known on the target as itself (a resource PUT to our id,
+    in this plan or before). False (nothing done) otherwise: the walk decides."""
+    refs = [r for r in references(item.due.resource) if r != item.key]
+    encounter_known = False
+    for ref in refs:
+        kind, value = _status(ctx, ref)
+        if kind != "known" or value != ref:
+            return False
+        if item.rtype == "Provenance" and _is_matched_patient(ctx, ref):
+            return False
+        encounter_known |= ref.startswith("Encounter/")
+    if (
+        ctx.caps.requires_existing_encounter
+        and not encounter_known
+        and item.rtype not in _NO_ENCOUNTER_NEEDED
+    ):
+        return False
+    for ref in refs:
+        if ref in ctx.items and ctx.items[ref].action == "write":
+            item.deps.add(ref)  # PUT in this plan: known id, but written first
+    body = _copy(item.due.resource)
+    if item.action == "update":
+        assert item.delivered is not None
+        body["id"] = item.delivered.split("/", 1)[1]
+    item.body = body
+    return True
 
 
 def _is_matched_patient(ctx: _Ctx, ref: str) -> bool:
