@@ -21,6 +21,7 @@ import http
 import logging
 import re
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ import orjson
 import requests
 import requests.auth
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ClosedPoolError, MaxRetryError, NewConnectionError
 from urllib3.exceptions import ProxyError as Urllib3ProxyError
 from urllib3.exceptions import SSLError as Urllib3SSLError
@@ -240,6 +243,41 @@ def _mapped_errors(method: str, where: str) -> Iterator[None]:
         raise TransientError(f"{where}: {what}") from exc
 
 
+# `EhrClient.on_sent`: what to call, on this thread, once the next request is on the wire.
+_sent_hook = threading.local()
+
+
+def _fire_sent_hook() -> None:
+    hook: Callable[[], None] | None = getattr(_sent_hook, "fn", None)
+    if hook is None:
+        return
+    _sent_hook.fn = None
+    try:
+        hook()
+    except Exception as exc:  # the caller's business: never the request's
+        log.warning("on_sent hook failed: %s", type(exc).__name__)
+
+
+class _SentHookConnection(HTTPConnection):
+    def getresponse(self) -> Any:  # the request is sent: now it waits for the answer
+        _fire_sent_hook()
+        return super().getresponse()
+
+
+class _SentHookHTTPSConnection(HTTPSConnection):
+    def getresponse(self) -> Any:
+        _fire_sent_hook()
+        return super().getresponse()
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _SentHookConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _SentHookHTTPSConnection
+
+
 def _json_object(content: bytes) -> dict[str, Any] | None:
     if not content.strip():
         return None
@@ -295,6 +333,8 @@ class EhrClient:
         self._adapter = HTTPAdapter(
             pool_connections=1, pool_maxsize=pool_maxsize, max_retries=NO_RETRY
         )
+        # connections that tell `on_sent` when a request has gone out (pools are made lazily)
+        self._adapter.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _HTTPSPool}
         self._prefixes = [self.base_url] + (["https://", "http://"] if self._owns_session else [])
         for prefix in self._prefixes:
             self.session.mount(prefix, self._adapter)
@@ -317,6 +357,13 @@ class EhrClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def on_sent(self, fn: Callable[[], None] | None) -> None:
+        """Call `fn` once, on this thread, as soon as this thread's next request is on the wire
+        (sent, its answer not read yet): work that can overlap the wait for the answer. Not
+        called if that request fails before it is sent (e.g. the connection is refused) or
+        goes through a proxy; None disarms it. An exception from `fn` is logged, not raised."""
+        _sent_hook.fn = fn
 
     def url(self, path_or_url: str) -> str:
         """An absolute URL under the server's origin; ValueError for any other origin."""

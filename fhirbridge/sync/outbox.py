@@ -16,7 +16,19 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 
 from fhirbridge.store.fhirdates import micros, micros_to_datetime
 from fhirbridge.store.resources import ResourceStore, SaveResult
@@ -88,7 +100,7 @@ class Delivery:
         }
 
 
-def _row(r: Any) -> Delivery:
+def _row(r: Any, status: str | None = None, reclaimed: bool = False) -> Delivery:
     return Delivery(
         target=r.target,
         resource_type=r.resource_type,
@@ -96,7 +108,7 @@ def _row(r: Any) -> Delivery:
         patient_ref=r.patient_ref,
         want_version=r.want_version,
         sent_version=r.sent_version,
-        status=r.status,
+        status=r.status if status is None else status,
         attempts=r.attempts,
         next_attempt_at=micros_to_datetime(r.next_attempt_at),
         server_id=r.server_id,
@@ -105,6 +117,7 @@ def _row(r: Any) -> Delivery:
         last_error=r.last_error,
         queued_at=micros_to_datetime(r.queued_at),
         updated_at=micros_to_datetime(r.updated_at),
+        reclaimed=reclaimed,
     )
 
 
@@ -146,6 +159,61 @@ _RECORD = (
         action=bindparam("b_action"),
     )
 )
+
+
+_BY_KEY = and_(
+    _d.target == bindparam("b_target"),
+    _d.resource_type == bindparam("b_type"),
+    _d.resource_id == bindparam("b_id"),
+)
+# Row by row on the primary key (executemany): a row-value IN, `(type, id) IN (VALUES …)`,
+# is not an index lookup on SQLite, which reads every row of the target for it instead.
+_CLAIM = (
+    update(delivery)
+    .where(_BY_KEY)
+    .values(
+        status="in_flight",
+        lease_owner=bindparam("b_owner"),
+        lease_until=bindparam("b_until"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_HELD = and_(_BY_KEY, _d.lease_owner == bindparam("b_owner"), _d.status == "in_flight")
+_RESERVE = (
+    update(delivery)
+    .where(_BY_KEY)
+    .values(lease_owner=bindparam("b_owner"), lease_until=bindparam("b_until"))
+)
+# A row taken over from a dead worker keeps its status (in flight) and a lease that has run out.
+_UNRESERVE = (
+    update(delivery)
+    .where(_BY_KEY, _d.lease_owner == bindparam("b_owner"))
+    .values(lease_owner=None, lease_until=case((_d.status == "in_flight", 0), else_=None))
+)
+_MARK_POSTING = (
+    update(delivery)
+    .where(_BY_KEY, _d.lease_owner == bindparam("b_owner"))
+    .values(action=POSTING, updated_at=bindparam("b_now"))
+)
+_RELEASE = (
+    update(delivery)
+    .where(_HELD)
+    .values(status="queued", lease_owner=None, lease_until=None, updated_at=bindparam("b_now"))
+)
+
+
+def _keys_in(
+    keys: Iterable[tuple[str, str]], rtype: Any = _d.resource_type, rid: Any = _d.resource_id
+) -> Any:
+    """`type IN (…) AND id IN (…)`: an index lookup per pair on SQLite and PostgreSQL, where a
+    row-value IN of the pairs reads every row. It matches a superset of the pairs (a type of
+    one with the id of another): filter the rows read by their key."""
+    pairs = list(keys)
+    return and_(rtype.in_(sorted({t for t, _ in pairs})), rid.in_(sorted({i for _, i in pairs})))
+
+
+def _key_params(target: str, keys: Iterable[tuple[str, str]], **extra: Any) -> list[dict[str, Any]]:
+    return [{"b_target": target, "b_type": t, "b_id": i, **extra} for t, i in keys]
 
 
 def _result_params(r: Result, current: Any, now_us: int) -> dict[str, Any]:
@@ -222,13 +290,17 @@ class Outbox:
             return 0
         now_us = micros(now)
         keys = [(t, rt, ri) for t, rt, ri, _ in wanted]
+        wanted_keys = set(keys)
         existing: dict[tuple[str, str, str], str] = {}
         for chunk in _chunks(keys, 300):
             stmt = select(_d.target, _d.resource_type, _d.resource_id, _d.status).where(
-                tuple_(_d.target, _d.resource_type, _d.resource_id).in_(chunk)
+                _d.target.in_(sorted({t for t, _, _ in chunk})),
+                _keys_in((rt, ri) for _, rt, ri in chunk),
             )
             for r in conn.execute(stmt):
-                existing[(r.target, r.resource_type, r.resource_id)] = r.status
+                key = (r.target, r.resource_type, r.resource_id)
+                if key in wanted_keys:
+                    existing[key] = r.status
         inserts = []
         for target, rtype, rid, version in sorted(wanted):
             key = (target, rtype, rid)
@@ -287,54 +359,90 @@ class Outbox:
         so the planner sees a resource together with what it references.
         """
         now_us = micros(now)
-        due = or_(
-            and_(_d.status.in_(DUE_STATUSES), _d.next_attempt_at <= now_us),
-            and_(_d.status == "in_flight", _d.lease_until < now_us),  # a dead worker's lease
-        )
         with self.store.write() as conn:
-            first = conn.execute(
-                select(_d.patient_ref)
-                .where(_d.target == target, due)
-                .order_by(_d.next_attempt_at)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            ).first()
-            if first is None:
-                return []
-            rows = conn.execute(
-                select(delivery)
-                .where(_d.target == target, _d.patient_ref == first.patient_ref, due)
-                .order_by(_d.resource_type, _d.resource_id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
-            if not rows:
-                return []
-            lease_until = micros(now + lease)
-            conn.execute(
-                update(delivery)
-                .where(
-                    _d.target == target,
-                    tuple_(_d.resource_type, _d.resource_id).in_(
-                        [(r.resource_type, r.resource_id) for r in rows]
+            rows = _due_patient(conn, target, now_us, limit)
+            if rows:
+                conn.execute(
+                    _CLAIM,
+                    _key_params(
+                        target,
+                        ((r.resource_type, r.resource_id) for r in rows),
+                        b_owner=owner,
+                        b_until=micros(now + lease),
+                        b_now=now_us,
                     ),
                 )
-                .values(
-                    status="in_flight",
-                    lease_owner=owner,
-                    lease_until=lease_until,
-                    updated_at=now_us,
+        return [_claimed(r) for r in rows]
+
+    def reserve(
+        self,
+        target: str,
+        *,
+        owner: str,
+        now: datetime,
+        limit: int = 100,
+        lease: timedelta = timedelta(minutes=2),
+    ) -> list[Delivery]:
+        """The rows `claim` would take, kept for `owner` under a lease but not taken yet: no
+        other worker claims them, and until `take` they stay what they were (not in flight).
+        A worker reserves its next patient while it delivers one; if it dies, the lease runs
+        out and the rows are due again, as they were."""
+        now_us = micros(now)
+        with self.store.write() as conn:
+            rows = _due_patient(conn, target, now_us, limit)
+            if rows:
+                conn.execute(
+                    _RESERVE,
+                    _key_params(
+                        target,
+                        ((r.resource_type, r.resource_id) for r in rows),
+                        b_owner=owner,
+                        b_until=micros(now + lease),
+                    ),
                 )
-            )
-        return [
-            replace(
-                _row(r),
-                status="in_flight",
-                # Only a row whose worker had started an unverifiable POST is in doubt.
-                reclaimed=r.status == "in_flight" and r.action == POSTING,
-            )
-            for r in rows
-        ]
+        return [_row(r, reclaimed=_in_doubt(r)) for r in rows]
+
+    def take(
+        self,
+        target: str,
+        reserved: Sequence[Delivery],
+        *,
+        owner: str,
+        now: datetime,
+        lease: timedelta = timedelta(minutes=2),
+    ) -> list[Delivery] | None:
+        """Claim rows `reserve` returned (one patient's), as `claim` would have: the claimed
+        rows, or None (and nothing claimed) when the reservation did not hold for all of them
+        (its lease ran out and another worker took one)."""
+        if not reserved:
+            return None
+        now_us = micros(now)
+        try:
+            with self.store.write() as conn:
+                taken = conn.execute(
+                    update(delivery)
+                    .where(
+                        _d.target == target,
+                        _d.patient_ref == reserved[0].patient_ref,
+                        _d.lease_owner == owner,
+                        _d.lease_until >= now_us,
+                        _d.status.in_((*DUE_STATUSES, "in_flight")),
+                    )
+                    .values(status="in_flight", lease_until=micros(now + lease), updated_at=now_us)
+                ).rowcount
+                if taken != len(reserved):
+                    raise _NotReserved
+        except _NotReserved:
+            return None
+        return [replace(d, status="in_flight") for d in reserved]
+
+    def unreserve(self, target: str, reserved: Iterable[Delivery], *, owner: str) -> None:
+        """Give back rows `reserve` returned and `take` did not: their lease is dropped, and
+        nothing else about them changes."""
+        params = _key_params(target, (d.key for d in reserved), b_owner=owner)
+        if params:
+            with self.store.write() as conn:
+                conn.execute(_UNRESERVE, params)
 
     def mark_posting(
         self, target: str, keys: Iterable[tuple[str, str]], *, owner: str, now: datetime
@@ -344,19 +452,11 @@ class Outbox:
         If the worker dies before recording the answer, whoever takes the rows over knows the
         record may already be on the target (and dead-letters instead of POSTing it again).
         """
-        keys = list(keys)
-        if not keys:
+        params = _key_params(target, keys, b_owner=owner, b_now=micros(now))
+        if not params:
             return
         with self.store.write() as conn:
-            conn.execute(
-                update(delivery)
-                .where(
-                    _d.target == target,
-                    _d.lease_owner == owner,
-                    tuple_(_d.resource_type, _d.resource_id).in_(keys),
-                )
-                .values(action=POSTING, updated_at=micros(now))
-            )
+            conn.execute(_MARK_POSTING, params)
 
     # ------------------------------------------------------------------ record results
 
@@ -426,16 +526,17 @@ class Outbox:
                             _d.server_version,
                             _d.action,
                         )
-                        .where(
-                            _d.target == target,
-                            tuple_(_d.resource_type, _d.resource_id).in_(chunk),
-                        )
+                        .where(_d.target == target, _keys_in(chunk))
                         .with_for_update()
                     ).all()
                 )
             for current in current_rows:
                 key = (current.resource_type, current.resource_id)
-                if current.lease_owner != owner or current.status != "in_flight":
+                if (
+                    key not in by_key
+                    or current.lease_owner != owner
+                    or current.status != "in_flight"
+                ):
                     continue
                 params.append(_result_params(by_key[key], current, now_us))
                 recorded.add(key)
@@ -450,17 +551,11 @@ class Outbox:
         self, target: str, keys: Iterable[tuple[str, str]], *, owner: str, now: datetime
     ) -> None:
         """Give back claimed rows untouched (e.g. a worker shutting down)."""
+        params = _key_params(target, keys, b_owner=owner, b_now=micros(now))
+        if not params:
+            return
         with self.store.write() as conn:
-            conn.execute(
-                update(delivery)
-                .where(
-                    _d.target == target,
-                    _d.lease_owner == owner,
-                    _d.status == "in_flight",
-                    tuple_(_d.resource_type, _d.resource_id).in_(list(keys)),
-                )
-                .values(status="queued", lease_owner=None, lease_until=None, updated_at=micros(now))
-            )
+            conn.execute(_RELEASE, params)
 
     # ------------------------------------------------------------------ reads
 
@@ -468,26 +563,39 @@ class Outbox:
         self, target: str, keys: Iterable[tuple[str, str]]
     ) -> dict[tuple[str, str], Delivery]:
         out: dict[tuple[str, str], Delivery] = {}
+        wanted = set(keys)
+        if not wanted:
+            return out
         with self.store.engine.connect() as conn:
-            for chunk in _chunks(list(keys), 300):
-                for r in conn.execute(
-                    select(delivery).where(
-                        _d.target == target, tuple_(_d.resource_type, _d.resource_id).in_(chunk)
-                    )
-                ):
-                    out[(r.resource_type, r.resource_id)] = _row(r)
+            for chunk in _chunks(sorted(wanted), 300):
+                for r in conn.execute(select(delivery).where(_d.target == target, _keys_in(chunk))):
+                    if (r.resource_type, r.resource_id) in wanted:
+                        out[(r.resource_type, r.resource_id)] = _row(r)
         return out
 
     def server_refs(self, target: str, refs: Iterable[str]) -> dict[str, str]:
         """Our "Type/id" → the target's "Type/id", for what the target already has."""
-        keys = [tuple(r.split("/", 1)) for r in refs if "/" in r]
-        found = self.ledger(target, [(k[0], k[1]) for k in keys])
-        return {
-            # a record delivered as a note lives on the target as that DocumentReference
-            f"{t}/{i}": f"{'DocumentReference' if d.action == 'note' else t}/{d.server_id}"
-            for (t, i), d in found.items()
-            if d.server_id and d.sent_version is not None
-        }
+        wanted = {(t, i) for t, _, i in (r.partition("/") for r in refs) if i}
+        out: dict[str, str] = {}
+        if not wanted:
+            return out
+        with self.store.engine.connect() as conn:
+            for chunk in _chunks(sorted(wanted), 300):
+                for t, i, server_id, action in conn.execute(
+                    select(_d.resource_type, _d.resource_id, _d.server_id, _d.action).where(
+                        _d.target == target,
+                        _keys_in(chunk),
+                        _d.server_id.is_not(None),
+                        _d.sent_version.is_not(None),
+                    )
+                ):
+                    if (t, i) in wanted and server_id:
+                        # a record delivered as a note lives on the target as that
+                        # DocumentReference
+                        out[f"{t}/{i}"] = (
+                            f"{'DocumentReference' if action == 'note' else t}/{server_id}"
+                        )
+        return out
 
     def deliveries(
         self,
@@ -588,6 +696,49 @@ class Outbox:
                 stmt.values(status="queued", attempts=0, next_attempt_at=now_us, updated_at=now_us)
             )
         return int(result.rowcount or 0)
+
+
+class _NotReserved(Exception):
+    """Rolls back a `take` that would claim only part of a reservation."""
+
+
+def _due_patient(conn: Connection, target: str, now_us: int, limit: int) -> list[Row[Any]]:
+    """The due rows, locked, of the target's patient with the oldest due row (up to `limit`)."""
+    due = or_(
+        and_(
+            _d.status.in_(DUE_STATUSES),
+            _d.next_attempt_at <= now_us,
+            or_(_d.lease_until.is_(None), _d.lease_until < now_us),  # reserved: not due
+        ),
+        and_(_d.status == "in_flight", _d.lease_until < now_us),  # a dead worker's lease
+    )
+    first = conn.execute(
+        select(_d.patient_ref)
+        .where(_d.target == target, due)
+        .order_by(_d.next_attempt_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    ).first()
+    if first is None:
+        return []
+    return list(
+        conn.execute(
+            select(delivery)
+            .where(_d.target == target, _d.patient_ref == first.patient_ref, due)
+            .order_by(_d.resource_type, _d.resource_id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+    )
+
+
+def _in_doubt(r: Any) -> bool:
+    # Only a row whose worker had started an unverifiable POST is in doubt.
+    return bool(r.status == "in_flight" and r.action == POSTING)
+
+
+def _claimed(r: Any) -> Delivery:
+    return _row(r, status="in_flight", reclaimed=_in_doubt(r))
 
 
 def _empty_summary() -> dict[str, Any]:

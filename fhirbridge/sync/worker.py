@@ -5,20 +5,37 @@ One round per claimed patient: the planner sees that patient's due resources wit
 target already holds; steps run in order, every result is recorded in the ledger as soon as it
 is known, and steps that wait for the ids of earlier POSTs are planned again with those ids.
 Decisions on failure come from sync/retry.py as values; nothing here sleeps on a failure.
+
+One request in flight per Worker, and the worker's own bookkeeping overlaps it. With a single
+request in flight, whatever the worker does between requests adds to the target's time. So
+what does not need the answer of the request on the wire is handed to the worker's helper
+thread as soon as the request is sent (`EhrClient.on_sent`): writing the AuditEvents and
+ledger results of earlier steps, and reserving, reading and planning the target's next patient
+(the next `run_once` starts with that patient's request). Requests stay on the calling thread,
+one at a time. What is recorded when does not change: every result is written before
+`run_once` returns, an AuditEvent before the ledger write that records its step (the helper's
+writes run in order, the last one after them), a row is claimed (in flight, leased) before it
+is sent and marked `posting` before an unverifiable POST of it; a reserved patient is not in
+flight, only kept from other workers, until `run_once` claims it.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
 import random
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from sqlalchemy.pool import StaticPool
 
 from fhirbridge import audit
 from fhirbridge.ehr.client import EhrClient, EhrResponse, entry_results
@@ -44,6 +61,10 @@ log = logging.getLogger(__name__)
 WAIT_RECHECK = timedelta(minutes=5)  # a delivery waiting for the target (no encounter, no patient)
 # a delivery waiting for one of our own resources that another pass is delivering right now
 DEPENDENCY_RECHECK = timedelta(seconds=2)
+# Buffered results are handed to the helper thread, to be written while the next request is on
+# the wire, once there are this many (and all of them with the last request of a plan): a few
+# transactions per patient, not one per request, and little left to write after the last answer.
+FLUSH_BATCH = 12
 
 
 @dataclass
@@ -59,6 +80,21 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
+@dataclass(slots=True)
+class _Ahead:
+    """A target's next patient, reserved (and read, and planned) while a request of the one
+    before was on the wire (`Outbox.reserve`: not in flight until `run_once` takes it)."""
+
+    rows: list[Delivery]
+    reserved_at: datetime
+    # Our `Type/id`s whose ledger rows this worker was about to write (the patient being
+    # delivered): a plan that references one of them was made without its result.
+    watch: frozenset[str]
+    stored: dict[tuple[str, str], planner.Due] | None = None
+    refs: dict[str, str] | None = None
+    plan: planner.Plan | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     status: str  # sent | fallback | skipped | retrying | dead | waiting
@@ -68,6 +104,23 @@ class _Outcome:
     error: str | None = None
     next_at: datetime | None = None
     count_attempt: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class _HandOver:
+    """What `_hand_over` gives the helper thread before a step's request goes out."""
+
+    flush_all: bool  # every buffered result (the plan's last request), not only a full batch
+    watch: frozenset[str] | None  # reserve the next patient (the first request of a pass)
+
+
+@dataclass(frozen=True, slots=True)
+class _Unwritten:
+    """What a write on the helper thread could not write, and why."""
+
+    events: list[dict[str, Any]]
+    results: list[Result]
+    error: Exception
 
 
 class Worker:
@@ -95,46 +148,100 @@ class Worker:
         # round (see _flush), not one per resource.
         self._results: list[Result] = []
         self._audits: list[dict[str, Any]] = []  # one AuditEvent per request, written likewise
+        self._ahead: dict[str, _Ahead] = {}  # target name → its next patient, reserved ahead
+        # The helper thread, and what was handed to it and not yet joined. An in-memory SQLite
+        # store has a single connection, which two threads cannot share: no helper then.
+        self._overlap = not isinstance(store.engine.pool, StaticPool)
+        self._helper: ThreadPoolExecutor | None = None
+        self._jobs: list[Future[_Unwritten | None]] = []
+        atexit.register(_give_back_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------ loop
 
     def run_once(self) -> int:
-        """Claim and deliver one patient's due rows per target; the number of rows handled."""
+        """Claim and deliver one patient's due rows per target; the number of rows handled.
+
+        Every result is in the ledger when it returns. The target's next patient may be
+        reserved already (see `_reserve_ahead`): the next call delivers it; `close` gives it
+        back.
+        """
         handled = 0
         for rt in self.runtimes:
-            rows = self.outbox.claim(
-                rt.target.name,
-                owner=self.owner,
-                now=self.clock(),
-                limit=self.limit,
-                lease=self.lease,
+            ahead = self._take_ahead(rt)
+            rows = (
+                ahead.rows
+                if ahead is not None
+                else self.outbox.claim(
+                    rt.target.name,
+                    owner=self.owner,
+                    now=self.clock(),
+                    limit=self.limit,
+                    lease=self.lease,
+                )
             )
             if rows:
                 handled += len(rows)
-                self._deliver(rt, rows)
+                self._deliver(rt, rows, ahead)
         return handled
 
     def run(self, stop: threading.Event, idle_seconds: float = 1.0) -> None:
         """Deliver until `stop` is set, resting `idle_seconds` when nothing is due."""
-        while not stop.is_set():
+        try:
+            while not stop.is_set():
+                try:
+                    busy = self.run_once()
+                except Exception as exc:  # a broken database or target must not kill the loop
+                    log.error("sync pass failed: %s", type(exc).__name__)
+                    busy = 0
+                if not busy:
+                    stop.wait(idle_seconds)
+        finally:
             try:
-                busy = self.run_once()
-            except Exception as exc:  # a broken database or target must not kill the loop
-                log.error("sync pass failed: %s", type(exc).__name__)
-                busy = 0
-            if not busy:
-                stop.wait(idle_seconds)
+                self.close()
+            except Exception as exc:
+                log.error("sync worker close failed: %s", type(exc).__name__)
+
+    def close(self) -> None:
+        """Give back the patients reserved ahead and stop the helper thread (idempotent)."""
+        self._join()
+        self._give_back()
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
+
+    def _give_back(self) -> None:
+        while self._ahead:
+            name, ahead = self._ahead.popitem()
+            self.outbox.unreserve(name, ahead.rows, owner=self.owner)
+
+    def _take_ahead(self, rt: TargetRuntime) -> _Ahead | None:
+        """The patient reserved ahead for this target, now claimed; None when there is none,
+        or its reservation is half run out or did not hold (the caller claims afresh)."""
+        ahead = self._ahead.pop(rt.target.name, None)
+        if ahead is None:
+            return None
+        now = self.clock()
+        if now < ahead.reserved_at + self.lease / 2:
+            rows = self.outbox.take(
+                rt.target.name, ahead.rows, owner=self.owner, now=now, lease=self.lease
+            )
+            if rows is not None:
+                ahead.rows = rows
+                return ahead
+        self.outbox.unreserve(rt.target.name, ahead.rows, owner=self.owner)
+        return None
 
     # ------------------------------------------------------------------ one patient
 
-    def _deliver(self, rt: TargetRuntime, rows: list[Delivery]) -> None:
+    def _deliver(self, rt: TargetRuntime, rows: list[Delivery], ahead: _Ahead | None) -> None:
         try:
-            self._deliver_rounds(rt, rows)
+            self._deliver_rounds(rt, rows, ahead)
         finally:
             self._flush(rt)
 
     def _flush(self, rt: TargetRuntime) -> None:
-        """Write the buffered outcomes to the ledger, in one transaction.
+        """Write the buffered outcomes to the ledger, in one transaction, after whatever the
+        helper thread still has to write.
 
         Buffering is safe because every write the planner makes is idempotent (PUT to our id,
         conditional create, search-then-create) except the plain POST of an unverifiable
@@ -142,61 +249,137 @@ class Worker:
         dies with outcomes still buffered leaves rows whose lease runs out and that the next
         worker re-sends (idempotently) or dead-letters (the POSTs in doubt).
         """
+        self._join()
+        events, self._audits = self._audits, []
         results, self._results = self._results, []
+        self._write(rt.target.name, events, results)
+
+    def _write(self, target: str, events: list[dict[str, Any]], results: list[Result]) -> None:
         # Audit first: a request that reached the target stays audited if the ledger write fails
         # (its rows are then sent again, idempotently, and audited again).
-        events, self._audits = self._audits, []
         audit.record(self.store, events)
-        self.outbox.record_many(rt.target.name, results, owner=self.owner, now=self.clock())
+        self.outbox.record_many(target, results, owner=self.owner, now=self.clock())
 
-    def _deliver_rounds(self, rt: TargetRuntime, rows: list[Delivery]) -> None:
+    def _write_ahead(
+        self, target: str, events: list[dict[str, Any]], results: list[Result]
+    ) -> _Unwritten | None:
+        """`_write` on the helper thread: what it could not write goes back to the caller's
+        buffer at the next join (and is written, or raises, with the next flush)."""
+        try:
+            audit.record(self.store, events)
+        except Exception as exc:
+            return _Unwritten(events, results, exc)
+        try:
+            self.outbox.record_many(target, results, owner=self.owner, now=self.clock())
+        except Exception as exc:
+            return _Unwritten([], results, exc)
+        return None
+
+    def _hand_over(
+        self, rt: TargetRuntime, *, flush_all: bool, watch: frozenset[str] | None
+    ) -> None:
+        """While a request is out: give the helper thread the results buffered so far (once
+        there are FLUSH_BATCH, or all of them with the last request of a plan) and, with the
+        first request of a pass, the reservation of the target's next patient (`watch`)."""
+        if not self._overlap:
+            return
+        if self._results and (flush_all or len(self._results) >= FLUSH_BATCH):
+            self._submit(self._write_ahead, rt.target.name, self._audits, self._results)
+            self._audits, self._results = [], []  # handed over (kept if the submit failed)
+        if watch is not None:
+            self._submit(self._reserve_ahead, rt, watch)
+
+    def _submit(self, fn: Callable[..., _Unwritten | None], *args: Any) -> None:
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="sync-helper")
+        self._jobs.append(self._helper.submit(fn, *args))
+
+    def _join(self) -> None:
+        """Wait for what the helper thread was given; what it could not write is buffered
+        again, in front of what came after it."""
+        jobs, self._jobs = self._jobs, []
+        back_events: list[dict[str, Any]] = []
+        back_results: list[Result] = []
+        for job in jobs:
+            try:
+                unwritten = job.result()
+            except Exception as exc:  # the reservation: what it reserved is kept, or runs out
+                log.warning("sync: reserving ahead failed: %s", type(exc).__name__)
+                continue
+            if unwritten is not None:
+                log.warning(
+                    "sync: writing results ahead failed: %s", type(unwritten.error).__name__
+                )
+                back_events += unwritten.events
+                back_results += unwritten.results
+        self._audits[:0] = back_events
+        self._results[:0] = back_results
+
+    def _deliver_rounds(
+        self, rt: TargetRuntime, rows: list[Delivery], ahead: _Ahead | None
+    ) -> None:
         pending: dict[str, Delivery] = {f"{r.resource_type}/{r.resource_id}": r for r in rows}
         versions: dict[str, int] = {}
         encounters: dict[str, str | None] = {}  # our Encounter → the target's (lookup cache)
-        for _round in range(20):  # each round settles at least one step, or stops
-            due = self._due(rt, pending, versions)
+        # The next patient is reserved during this one's first request (once per run_once).
+        reserve_watch: frozenset[str] | None = frozenset(pending)
+        for round_ in range(20):  # each round settles at least one step, or stops
+            if not pending:
+                break
+            first = ahead if round_ == 0 else None
+            due = self._due(rt, pending, versions, first.stored if first is not None else None)
             if not due:
                 break
             self._flush(rt)  # planning reads the ledger (server ids of what was just sent)
-            refs = self.outbox.server_refs(rt.target.name, _references(due))
-            patient_key = rows[0].patient_ref
-            patient_ref = refs.get(patient_key)
-            try:
-                encounter_refs = self._encounter_refs(rt, due, patient_ref, encounters)
-            except EhrError as err:  # the lookup failed: a retry later, as for a failed write
-                for key, held in list(pending.items()):
-                    pending.pop(key)
-                    outcome = self._failure(err, held.attempts + 1, False)
-                    self._record(rt, held, versions.get(key, held.want_version), outcome)
-                return
-            plan = planner.plan(
-                rt.target,
-                rt.caps,
-                due,
-                server_refs=refs,
-                patient_ref=patient_ref,
-                encounter_refs=encounter_refs,
-            )
+            planned = _planned_ahead(first, due)
+            if planned is not None:
+                refs, plan = planned
+            else:
+                refs = self.outbox.server_refs(rt.target.name, _references(due))
+                patient_ref = refs.get(rows[0].patient_ref)
+                try:
+                    encounter_refs = self._encounter_refs(rt, due, patient_ref, encounters)
+                except EhrError as err:  # the lookup failed: a retry later, as for a failed write
+                    for key, held in list(pending.items()):
+                        pending.pop(key)
+                        outcome = self._failure(err, held.attempts + 1, False)
+                        self._record(rt, held, versions.get(key, held.want_version), outcome)
+                    return
+                plan = planner.plan(
+                    rt.target,
+                    rt.caps,
+                    due,
+                    server_refs=refs,
+                    patient_ref=patient_ref,
+                    encounter_refs=encounter_refs,
+                )
             progressed = False
             due_by_key = {d.key: d for d in due}
-            for step in plan.steps:
+            last_request = _last_request(plan.steps)
+            for index, step in enumerate(plan.steps):
                 if getattr(step, "awaiting", ()):
                     break  # its references are created by steps above: plan again with their ids
-                outcomes: Iterable[tuple[str, _Outcome]] = (
-                    [(step.key, self._waiting(rt, step, due_by_key.get(step.key), refs))]
-                    if isinstance(step, planner.Wait)
-                    else self._execute(rt, step, pending)
-                )
-                start = len(self._results)
+                outcomes: Iterable[tuple[str, _Outcome]]
+                if isinstance(step, planner.Wait):
+                    outcomes = [(step.key, self._waiting(rt, step, due_by_key.get(step.key), refs))]
+                else:
+                    hand_over = _HandOver(flush_all=index == last_request, watch=reserve_watch)
+                    if _makes_request(step):
+                        reserve_watch = None
+                    outcomes = self._execute(rt, step, pending, hand_over)
+                # (not a slice of self._results: earlier results may be written meanwhile)
+                results: list[Result] = []
                 for key, outcome in outcomes:
                     row = pending.pop(key, None)
                     if row is None:
                         continue
-                    self._record(rt, row, versions.get(key, row.want_version), outcome)
+                    results.append(
+                        self._record(rt, row, versions.get(key, row.want_version), outcome)
+                    )
                 event = audit.step_audit_event(
                     step,
                     target=rt.target.name,
-                    results=self._results[start:],
+                    results=results,
                     recorded=self.clock(),
                 )
                 if event is not None:
@@ -223,13 +406,20 @@ class Worker:
             )
 
     def _due(
-        self, rt: TargetRuntime, pending: dict[str, Delivery], versions: dict[str, int]
+        self,
+        rt: TargetRuntime,
+        pending: dict[str, Delivery],
+        versions: dict[str, int],
+        stored: dict[tuple[str, str], planner.Due] | None = None,
     ) -> list[planner.Due]:
+        """The pending rows' resources as stored (`stored`: read ahead, else read now); a row
+        whose resource is no longer stored is recorded as skipped."""
+        if stored is None:
+            stored = _read_due(self.store, pending.values())
         due: list[planner.Due] = []
-        stored_now = self.store.read_stored_many([row.key for row in pending.values()])
         for key, row in list(pending.items()):
-            stored = stored_now.get(row.key)
-            if stored is None:  # deleted, or gone, since it was queued
+            found = stored.get(row.key)
+            if found is None:  # deleted, or gone, since it was queued
                 pending.pop(key)
                 self._record(
                     rt,
@@ -238,16 +428,44 @@ class Worker:
                     _Outcome("skipped", action="skip", error="no longer stored"),
                 )
                 continue
-            resource = stored.resource()
-            versions[key] = int(stored.version_id)
-            ledger = planner.Ledger(
-                server_id=row.server_id,
-                server_version=row.server_version,
-                sent_version=None if row.sent_version is None else str(row.sent_version),
-                state=row.status,
-            )
-            due.append(planner.Due(resource, stored.version_id, ledger))
+            versions[key] = int(found.version)
+            due.append(found)
         return due
+
+    def _reserve_ahead(self, rt: TargetRuntime, watch: frozenset[str]) -> None:
+        """On the helper thread, while the current patient's request is on the wire: reserve
+        the target's next patient, read its resources and plan them.
+
+        The plan is kept only if it could not have changed by the time it is used: no resource
+        of the current patient (`watch`, whose results were not written yet) among what it
+        references, no encounter lookup (that would be a second request in flight)."""
+        now = self.clock()
+        rows = self.outbox.reserve(
+            rt.target.name, owner=self.owner, now=now, limit=self.limit, lease=self.lease
+        )
+        if not rows:
+            return
+        ahead = self._ahead[rt.target.name] = _Ahead(rows, now, watch)
+        # planned as `claim`'s rows would be: in flight
+        ahead.stored = _read_due(
+            self.store, [dataclasses.replace(r, status="in_flight") for r in rows]
+        )
+        due = [ahead.stored[r.key] for r in rows if r.key in ahead.stored]
+        needed = _references(due)
+        if not due or needed & watch or rt.caps.requires_existing_encounter:
+            return
+        refs = self.outbox.server_refs(rt.target.name, needed)
+        plan = planner.plan(
+            rt.target,
+            rt.caps,
+            due,
+            server_refs=refs,
+            patient_ref=refs.get(rows[0].patient_ref),
+            encounter_refs={},
+        )
+        if not any(isinstance(step, planner.Wait) for step in plan.steps):
+            # A Wait is planned again when used: what it waits for may have arrived meanwhile.
+            ahead.refs, ahead.plan = refs, plan
 
     def _encounter_refs(
         self,
@@ -335,25 +553,29 @@ class Worker:
                     at = min(at, max(soon, dep.next_attempt_at))
         return _Outcome("waiting", error=step.reason, next_at=at, count_attempt=False)
 
-    def _record(self, rt: TargetRuntime, row: Delivery, version: int, o: _Outcome) -> None:
-        self._results.append(
-            Result(
-                (row.resource_type, row.resource_id),
-                version,
-                o.status,  # type: ignore[arg-type]
-                server_id=o.server_id,
-                server_version=o.server_version,
-                action=o.action,
-                error=o.error,
-                next_attempt_at=o.next_at,
-                count_attempt=o.count_attempt,
-            )
+    def _record(self, rt: TargetRuntime, row: Delivery, version: int, o: _Outcome) -> Result:
+        result = Result(
+            (row.resource_type, row.resource_id),
+            version,
+            o.status,  # type: ignore[arg-type]
+            server_id=o.server_id,
+            server_version=o.server_version,
+            action=o.action,
+            error=o.error,
+            next_attempt_at=o.next_at,
+            count_attempt=o.count_attempt,
         )
+        self._results.append(result)
+        return result
 
     # ------------------------------------------------------------------ steps
 
     def _execute(
-        self, rt: TargetRuntime, step: planner.Step, pending: dict[str, Delivery]
+        self,
+        rt: TargetRuntime,
+        step: planner.Step,
+        pending: dict[str, Delivery],
+        hand_over: _HandOver | None = None,
     ) -> Iterator[tuple[str, _Outcome]]:
         keys = step.settles()
         attempts = {k: (pending[k].attempts if k in pending else 0) + 1 for k in keys}
@@ -379,11 +601,30 @@ class Worker:
         self.outbox.mark_posting(
             rt.target.name, [(t, i) for t, i in posting], owner=self.owner, now=self.clock()
         )
+        armed = hand_over is not None and _makes_request(step) and self._arm(rt, hand_over)
         try:
             yield from self._run_step(rt, step, attempts)
         except EhrError as err:
             for key in keys:
                 yield key, self._failure(err, attempts[key], _unverifiable(step))
+        finally:
+            if armed:
+                rt.client.on_sent(None)
+
+    def _arm(self, rt: TargetRuntime, hand_over: _HandOver) -> bool:
+        """Hand over to the helper thread once the step's request is on the wire: started
+        before, the helper's Python would compete with the sending of it for the interpreter.
+        (A client without `on_sent`: now.) True when armed."""
+
+        def go() -> None:
+            self._hand_over(rt, flush_all=hand_over.flush_all, watch=hand_over.watch)
+
+        on_sent = getattr(rt.client, "on_sent", None)
+        if on_sent is None:
+            go()
+            return False
+        on_sent(go)
+        return True
 
     def _run_step(
         self, rt: TargetRuntime, step: planner.Step, attempts: dict[str, int]
@@ -545,6 +786,68 @@ class Worker:
             return _Outcome("retrying", error=summary, next_at=decision.at)
         assert isinstance(decision, DeadLetter)
         return _Outcome("dead", error=summary)
+
+
+def _read_due(store: ResourceStore, rows: Iterable[Delivery]) -> dict[tuple[str, str], planner.Due]:
+    """The rows' resources as stored now, by key, with what the ledger knows of each (a row
+    whose resource is deleted, or gone, is missing)."""
+    rows = list(rows)
+    stored = store.read_stored_many([row.key for row in rows])
+    out: dict[tuple[str, str], planner.Due] = {}
+    for row in rows:
+        found = stored.get(row.key)
+        if found is None:
+            continue
+        ledger = planner.Ledger(
+            server_id=row.server_id,
+            server_version=row.server_version,
+            sent_version=None if row.sent_version is None else str(row.sent_version),
+            state=row.status,
+        )
+        out[row.key] = planner.Due(found.resource(), found.version_id, ledger)
+    return out
+
+
+def _planned_ahead(
+    ahead: _Ahead | None, due: Sequence[planner.Due]
+) -> tuple[dict[str, str], planner.Plan] | None:
+    """The plan made ahead, if it is still the plan of exactly these due resources."""
+    if ahead is None or ahead.plan is None or ahead.refs is None or ahead.stored is None:
+        return None
+    if len(due) != len(ahead.stored):  # a resource went since (recorded as skipped)
+        return None
+    return ahead.refs, ahead.plan
+
+
+def _makes_request(step: planner.Step) -> bool:
+    if isinstance(step, planner.Fallback):
+        return step.action != "skip" and step.write is not None
+    return not isinstance(step, planner.Wait)
+
+
+def _last_request(steps: Sequence[planner.Step]) -> int:
+    """The index of the plan's last step that makes a request this round (-1: none)."""
+    last = -1
+    for index, step in enumerate(steps):
+        if getattr(step, "awaiting", ()):
+            break
+        if _makes_request(step):
+            last = index
+        if isinstance(step, planner.MatchPatient):
+            break
+    return last
+
+
+def _give_back_at_exit(ref: weakref.ref[Worker]) -> None:
+    """At interpreter exit (e.g. `fhirbridge worker --once`): give back what a worker still
+    holds ahead, rather than leave it leased until the lease runs out."""
+    worker = ref()
+    if worker is None or not worker._ahead:
+        return
+    try:
+        worker._give_back()
+    except Exception as exc:
+        log.warning("sync: giving back claimed rows failed: %s", type(exc).__name__)
 
 
 def _covers(encounter: dict[str, Any], at: int) -> bool:

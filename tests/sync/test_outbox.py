@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ PATIENT_REF = f"Patient/{d.PATIENT}"
 def _save(
     store: ResourceStore,
     outbox: Outbox,
-    resources: list[dict],
+    resources: list[dict[str, Any]],
     now: datetime = T0,
     fail: bool = False,
 ) -> None:
@@ -188,3 +189,108 @@ def test_concurrent_claimers_never_share_a_row(postgres_url: str) -> None:
         t.join(timeout=60)
     store.close()
     assert len(seen) == 200 and len(set(seen)) == 200
+
+
+def test_a_reserved_patient_is_kept_for_its_worker_and_unchanged_until_taken(
+    store: ResourceStore, outbox: Outbox
+) -> None:
+    _save(store, outbox, [d.patient(), d.heart_rate(value=72)])
+    reserved = outbox.reserve("ehr-a", owner="w1", now=T0, lease=timedelta(seconds=30))
+    assert {r.key for r in reserved} == {("Patient", d.PATIENT), ("Observation", d.HEART_RATE)}
+    # not in flight, not changed: only no other worker claims or reserves it
+    assert {x.status for x in outbox.deliveries(target="ehr-a")} == {"queued"}
+    assert outbox.claim("ehr-a", owner="w2", now=T0) == []
+    assert outbox.reserve("ehr-a", owner="w2", now=T0) == []
+    taken = outbox.take("ehr-a", reserved, owner="w1", now=T0 + timedelta(seconds=1))
+    assert taken is not None and {t.status for t in taken} == {"in_flight"}
+    assert {x.status for x in outbox.deliveries(target="ehr-a")} == {"in_flight"}
+    assert outbox.record(
+        "ehr-a",
+        ("Patient", d.PATIENT),
+        owner="w1",
+        version=1,
+        status="sent",
+        server_id="srv-p",
+        now=T0 + timedelta(seconds=2),
+    )
+
+
+def test_a_lapsed_reservation_is_due_again_and_cannot_be_taken(
+    store: ResourceStore, outbox: Outbox
+) -> None:
+    _save(store, outbox, [d.patient(), d.heart_rate(value=72)])
+    reserved = outbox.reserve("ehr-a", owner="w1", now=T0, lease=timedelta(seconds=30))
+    later = T0 + timedelta(seconds=31)
+    claimed = outbox.claim("ehr-a", owner="w2", now=later)
+    assert {c.key for c in claimed} == {r.key for r in reserved}
+    assert not any(c.reclaimed for c in claimed)  # never sent: nothing in doubt
+    assert outbox.take("ehr-a", reserved, owner="w1", now=later) is None
+    # and w2's claim is untouched by the failed take
+    assert {(x.status, x.key) for x in outbox.deliveries(target="ehr-a")} == {
+        ("in_flight", c.key) for c in claimed
+    }
+
+
+def test_an_unreserved_patient_is_as_before_and_due_at_once(
+    store: ResourceStore, outbox: Outbox
+) -> None:
+    _save(store, outbox, [d.patient(), d.heart_rate(value=72)])
+    before = {x.key: x for x in outbox.deliveries(target="ehr-a")}
+    reserved = outbox.reserve("ehr-a", owner="w1", now=T0)
+    outbox.unreserve("ehr-a", reserved, owner="w2")  # not w2's: nothing happens
+    assert outbox.claim("ehr-a", owner="w2", now=T0) == []
+    outbox.unreserve("ehr-a", reserved, owner="w1")
+    assert {x.key: x for x in outbox.deliveries(target="ehr-a")} == before
+    assert len(outbox.claim("ehr-a", owner="w2", now=T0)) == 2
+
+
+def test_ledger_reads_and_results_touch_exactly_the_keys_given(
+    store: ResourceStore, outbox: Outbox
+) -> None:
+    # keys are looked up as type IN (...) AND id IN (...): rows that pair the type of one key
+    # with the id of another exist here and must be left alone
+    with store.write() as conn:
+        outbox.enqueue_versions(
+            conn,
+            [("Patient", "a", 1), ("Patient", "b", 1), ("Observation", "a", 1)],
+            patient_ref="Patient/a",
+            now=T0,
+        )
+        # enqueue reads the existing rows the same way: a new version of one of them only
+        outbox.enqueue_versions(
+            conn, [("Observation", "b", 1), ("Patient", "a", 2)], patient_ref="Patient/a", now=T0
+        )
+    assert {x.key: x.want_version for x in outbox.deliveries(target="ehr-a")} == {
+        ("Patient", "a"): 2,
+        ("Patient", "b"): 1,
+        ("Observation", "a"): 1,
+        ("Observation", "b"): 1,
+    }
+    assert set(outbox.ledger("ehr-a", [("Patient", "a"), ("Observation", "b")])) == {
+        ("Patient", "a"),
+        ("Observation", "b"),
+    }
+    claimed = outbox.claim("ehr-a", owner="w", now=T0)
+    assert len(claimed) == 4
+    from fhirbridge.sync.outbox import Result
+
+    recorded = outbox.record_many(
+        "ehr-a",
+        [Result(("Patient", "a"), 2, "sent"), Result(("Observation", "b"), 1, "sent")],
+        owner="w",
+        now=T0,
+    )
+    assert recorded == {("Patient", "a"), ("Observation", "b")}
+    assert {x.key: x.status for x in outbox.deliveries(target="ehr-a")} == {
+        ("Patient", "a"): "sent",
+        ("Patient", "b"): "in_flight",
+        ("Observation", "a"): "in_flight",
+        ("Observation", "b"): "sent",
+    }
+    outbox.mark_posting("ehr-a", [("Patient", "b")], owner="w", now=T0)
+    outbox.release("ehr-a", [("Observation", "a")], owner="w", now=T0)
+    rows = {x.key: x for x in outbox.deliveries(target="ehr-a")}
+    posting = rows[("Patient", "b")]
+    assert (posting.status, posting.action) == ("in_flight", "posting")
+    assert rows[("Observation", "a")].status == "queued"
+    assert rows[("Patient", "a")].action is None
