@@ -26,13 +26,14 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
 
 from fhirbridge.store.fhirdates import micros, micros_to_datetime
 from fhirbridge.store.resources import ResourceStore, SaveResult
-from fhirbridge.store.schema import delivery
+from fhirbridge.store.schema import OPEN_DELIVERY, delivery
 
 log = logging.getLogger(__name__)
 
@@ -714,7 +715,8 @@ def _due_patient(conn: Connection, target: str, now_us: int, limit: int) -> list
     )
     first = conn.execute(
         select(_d.patient_ref)
-        .where(_d.target == target, due)
+        # OPEN_DELIVERY, implied by `due`, says so in the words of the partial index's WHERE.
+        .where(_d.target == target, text(OPEN_DELIVERY), due)
         .order_by(_d.next_attempt_at)
         .limit(1)
         .with_for_update(skip_locked=True)

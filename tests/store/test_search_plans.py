@@ -1,6 +1,7 @@
 """Query plans on a migrated SQLite file that was never ANALYZEd, read from the statements the
 code really runs, with the answers they give: searches driven by a date or a reference use the
-partial indexes (migration 0003); the console's newest submissions, received_at (0004)."""
+partial indexes (migration 0003); the console's newest submissions, received_at (0004); a
+claim reads the open deliveries only, however many are settled (0005)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, update
 
 from fhirbridge import db
 from fhirbridge.store.query import parse_search
 from fhirbridge.store.resources import ResourceStore
+from fhirbridge.store.schema import delivery
 from fhirbridge.sync.outbox import Outbox, Route
 from fhirbridge.ui.queries import recent_submissions
 
@@ -126,3 +128,40 @@ def test_the_consoles_newest_submissions_are_read_from_the_received_at_index(
     listing = next(p for p in plans if "submission" in p)
     assert "ix_submission_received_at" in listing, plans
     assert "USE TEMP B-TREE FOR ORDER BY" not in listing, plans
+
+
+def _claim_steps(tmp_path: Path, settled: int) -> int:
+    """SQLite VM instructions Outbox.claim runs to find one queued row behind `settled` sent
+    ones (older next_attempt_at, as a ledger's history has)."""
+    store = ResourceStore.from_url(f"sqlite:///{tmp_path / f'claim-{settled}.db'}")
+    db.upgrade(store)
+    outbox = Outbox(store, [Route("ehr")])
+    with store.write() as conn:
+        old = [("Observation", f"o{n}", 1) for n in range(settled)]
+        outbox.enqueue_versions(conn, old, patient_ref="Patient/old", now=NOW)
+        conn.execute(update(delivery).values(status="sent", sent_version=1))
+        new = [("Observation", "fresh", 1)]
+        outbox.enqueue_versions(conn, new, patient_ref="Patient/new", now=NOW.replace(hour=1))
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    def install(dbapi_connection: Any, *_: Any) -> None:
+        dbapi_connection.set_progress_handler(count, 10)
+
+    event.listen(store.engine, "checkout", install)
+    try:
+        claimed = outbox.claim("ehr", owner="w", now=NOW.replace(hour=2))
+    finally:
+        event.remove(store.engine, "checkout", install)
+        store.close()
+    assert [d.resource_id for d in claimed] == ["fresh"]
+    return steps
+
+
+def test_a_claim_does_not_read_the_settled_deliveries(tmp_path: Path) -> None:
+    few, many = _claim_steps(tmp_path, 20), _claim_steps(tmp_path, 2_000)
+    assert many < few * 1.5, (few, many)
