@@ -431,16 +431,7 @@ def insert_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -> None
         # The "~ref" rows serve $everything's walk from compartment members; an AuditEvent is
         # never one, and leaving them out halves the rows a read adds.
         index.extend(
-            {
-                "resource_type": RESOURCE_TYPE,
-                "resource_id": rid,
-                "param": row.param,
-                "system": row.system,
-                "value": row.value,
-                "date_lo": row.date_lo,
-                "date_hi": row.date_hi,
-                "ref": row.ref,
-            }
+            row.columns(RESOURCE_TYPE, rid)
             for row in extract_index(event)
             if row.param != REFERENCE_ROW
         )

@@ -223,19 +223,7 @@ def _prepare(resource: Mapping[str, Any]) -> _Prepared:
     rtype, rid = resource.get("resourceType"), resource.get("id")
     if not isinstance(rtype, str) or not rtype or not isinstance(rid, str) or not rid:
         raise ValueError("every resource needs a string resourceType and id")
-    rows = tuple(
-        {
-            "resource_type": rtype,
-            "resource_id": rid,
-            "param": row.param,
-            "system": row.system,
-            "value": row.value,
-            "date_lo": row.date_lo,
-            "date_hi": row.date_hi,
-            "ref": row.ref,
-        }
-        for row in extract_index(resource)
-    )
+    rows = tuple(row.columns(rtype, rid) for row in extract_index(resource))
     return _Prepared(rtype, rid, dict(resource), _content_hash(resource), rows)
 
 

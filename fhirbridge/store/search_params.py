@@ -77,6 +77,19 @@ class IndexRow:
     date_hi: int | None = None
     ref: str | None = None
 
+    def columns(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """The row as fhir_search_index's column values, for the resource it belongs to."""
+        return {
+            "resource_type": resource_type,
+            "resource_id": resource_id,
+            "param": self.param,
+            "system": self.system,
+            "value": self.value,
+            "date_lo": self.date_lo,
+            "date_hi": self.date_hi,
+            "ref": self.ref,
+        }
+
 
 COMMON_PARAMS: tuple[SearchParam, ...] = (
     SearchParam("_id", "token", (), _SP + "Resource-id", "Logical id of the resource", column="id"),

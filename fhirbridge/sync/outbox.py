@@ -360,20 +360,22 @@ class Outbox:
         so the planner sees a resource together with what it references.
         """
         now_us = micros(now)
+        rows = self._lease_due(
+            _CLAIM, target, now_us, limit, b_owner=owner, b_until=micros(now + lease), b_now=now_us
+        )
+        return [_claimed(r) for r in rows]
+
+    def _lease_due(
+        self, stmt: Any, target: str, now_us: int, limit: int, **params: Any
+    ) -> list[Row[Any]]:
+        """The due rows of the target's next patient, `stmt` (claim or reserve) applied to them
+        in the same transaction."""
         with self.store.write() as conn:
             rows = _due_patient(conn, target, now_us, limit)
             if rows:
-                conn.execute(
-                    _CLAIM,
-                    _key_params(
-                        target,
-                        ((r.resource_type, r.resource_id) for r in rows),
-                        b_owner=owner,
-                        b_until=micros(now + lease),
-                        b_now=now_us,
-                    ),
-                )
-        return [_claimed(r) for r in rows]
+                keys = ((r.resource_type, r.resource_id) for r in rows)
+                conn.execute(stmt, _key_params(target, keys, **params))
+        return rows
 
     def reserve(
         self,
@@ -389,18 +391,9 @@ class Outbox:
         A worker reserves its next patient while it delivers one; if it dies, the lease runs
         out and the rows are due again, as they were."""
         now_us = micros(now)
-        with self.store.write() as conn:
-            rows = _due_patient(conn, target, now_us, limit)
-            if rows:
-                conn.execute(
-                    _RESERVE,
-                    _key_params(
-                        target,
-                        ((r.resource_type, r.resource_id) for r in rows),
-                        b_owner=owner,
-                        b_until=micros(now + lease),
-                    ),
-                )
+        rows = self._lease_due(
+            _RESERVE, target, now_us, limit, b_owner=owner, b_until=micros(now + lease)
+        )
         return [_row(r, reclaimed=_in_doubt(r)) for r in rows]
 
     def take(
