@@ -406,6 +406,10 @@ def _queued_store(path: Path, docs: list[dict[str, Any]], parts: tuple[Any, Any,
         result = transform(doc, pack=pack, input_validator=iv, output_validator=ov, now=now)
         bundles.append(transaction_bundle(result.resources))
         patient = f"Patient/{result.resources[0]['id']}"
+
+        def queue(conn: Any, saved: Any, patient: str = patient, now: datetime = now) -> None:
+            outbox.enqueue(conn, saved, patient_ref=patient, now=now)
+
         store.save_submission(
             submission_id=result.submission_id,
             source=result.source,
@@ -414,7 +418,7 @@ def _queued_store(path: Path, docs: list[dict[str, Any]], parts: tuple[Any, Any,
             resources=result.resources,
             summary={},
             now=now,
-            on_saved=lambda c, s, p=patient, t=now: outbox.enqueue(c, s, patient_ref=p, now=t),
+            on_saved=queue,
         )
     return store, outbox, bundles
 

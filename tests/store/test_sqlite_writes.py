@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def _row(n: int) -> dict[str, object]:
         "source": "test",
         "patient_id": "p",
         "content_hash": f"h{n}",
-        "received_at": store_module.micros_to_datetime(0),
+        "received_at": datetime(2026, 1, 1, tzinfo=UTC),
         "summary": "{}",
     }
 
