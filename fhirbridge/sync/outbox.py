@@ -17,7 +17,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
+    Integer,
     Row,
     and_,
     bindparam,
@@ -203,14 +205,80 @@ _RELEASE = (
 )
 
 
-def _keys_in(
-    keys: Iterable[tuple[str, str]], rtype: Any = _d.resource_type, rid: Any = _d.resource_id
-) -> Any:
-    """`type IN (…) AND id IN (…)`: an index lookup per pair on SQLite and PostgreSQL, where a
-    row-value IN of the pairs reads every row. It matches a superset of the pairs (a type of
-    one with the id of another): filter the rows read by their key."""
+def _keys_in() -> Any:
+    """`type IN (…) AND id IN (…)` (parameters `b_types`, `b_ids`: see `_key_lists`): an index
+    lookup per pair on SQLite and PostgreSQL, where a row-value IN of the pairs reads every
+    row. It matches a superset of the pairs (a type of one with the id of another): filter the
+    rows read by their key."""
+    return and_(
+        _d.resource_type.in_(bindparam("b_types", expanding=True)),
+        _d.resource_id.in_(bindparam("b_ids", expanding=True)),
+    )
+
+
+def _key_lists(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     pairs = list(keys)
-    return and_(rtype.in_(sorted({t for t, _ in pairs})), rid.in_(sorted({i for _, i in pairs})))
+    return {"b_types": sorted({t for t, _ in pairs}), "b_ids": sorted({i for _, i in pairs})}
+
+
+# The statements of the worker's every pass, built once (SQLAlchemy then reuses their
+# compiled form without building and hashing a new expression each time).
+_TARGET = _d.target == bindparam("b_target")
+_NOW: Any = bindparam("b_now", type_=BigInteger)
+_DUE = or_(
+    and_(
+        _d.status.in_(DUE_STATUSES),
+        _d.next_attempt_at <= _NOW,
+        or_(_d.lease_until.is_(None), _d.lease_until < _NOW),  # reserved: not due
+    ),
+    and_(_d.status == "in_flight", _d.lease_until < _NOW),  # a dead worker's lease
+)
+_FIRST_DUE = (
+    select(_d.patient_ref)
+    # OPEN_DELIVERY, implied by `_DUE`, says so in the words of the partial index's WHERE.
+    .where(_TARGET, text(OPEN_DELIVERY), _DUE)
+    .order_by(_d.next_attempt_at)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_PATIENT_DUE = (
+    select(delivery)
+    .where(_TARGET, _d.patient_ref == bindparam("b_patient"), _DUE)
+    .order_by(_d.resource_type, _d.resource_id)
+    .limit(bindparam("b_limit", type_=Integer, literal_execute=True))
+    .with_for_update(skip_locked=True)
+)
+_TAKE = (
+    update(delivery)
+    .where(
+        _TARGET,
+        _d.patient_ref == bindparam("b_patient"),
+        _d.lease_owner == bindparam("b_owner"),
+        _d.lease_until >= _NOW,
+        _d.status.in_((*DUE_STATUSES, "in_flight")),
+    )
+    .values(status="in_flight", lease_until=bindparam("b_until"), updated_at=_NOW)
+)
+_CURRENT = (
+    select(
+        _d.resource_type,
+        _d.resource_id,
+        _d.want_version,
+        _d.sent_version,
+        _d.lease_owner,
+        _d.status,
+        _d.attempts,
+        _d.server_id,
+        _d.server_version,
+        _d.action,
+    )
+    .where(_TARGET, _keys_in())
+    .with_for_update()
+)
+_LEDGER = select(delivery).where(_TARGET, _keys_in())
+_SERVER_REFS = select(_d.resource_type, _d.resource_id, _d.server_id, _d.action).where(
+    _TARGET, _keys_in(), _d.server_id.is_not(None), _d.sent_version.is_not(None)
+)
 
 
 def _key_params(target: str, keys: Iterable[tuple[str, str]], **extra: Any) -> list[dict[str, Any]]:
@@ -295,10 +363,9 @@ class Outbox:
         existing: dict[tuple[str, str, str], str] = {}
         for chunk in _chunks(keys, 300):
             stmt = select(_d.target, _d.resource_type, _d.resource_id, _d.status).where(
-                _d.target.in_(sorted({t for t, _, _ in chunk})),
-                _keys_in((rt, ri) for _, rt, ri in chunk),
+                _d.target.in_(sorted({t for t, _, _ in chunk})), _keys_in()
             )
-            for r in conn.execute(stmt):
+            for r in conn.execute(stmt, _key_lists((rt, ri) for _, rt, ri in chunk)):
                 key = (r.target, r.resource_type, r.resource_id)
                 if key in wanted_keys:
                     existing[key] = r.status
@@ -414,15 +481,14 @@ class Outbox:
         try:
             with self.store.write() as conn:
                 taken = conn.execute(
-                    update(delivery)
-                    .where(
-                        _d.target == target,
-                        _d.patient_ref == reserved[0].patient_ref,
-                        _d.lease_owner == owner,
-                        _d.lease_until >= now_us,
-                        _d.status.in_((*DUE_STATUSES, "in_flight")),
-                    )
-                    .values(status="in_flight", lease_until=micros(now + lease), updated_at=now_us)
+                    _TAKE,
+                    {
+                        "b_target": target,
+                        "b_patient": reserved[0].patient_ref,
+                        "b_owner": owner,
+                        "b_now": now_us,
+                        "b_until": micros(now + lease),
+                    },
                 ).rowcount
                 if taken != len(reserved):
                     raise _NotReserved
@@ -506,24 +572,7 @@ class Outbox:
         with self.store.write() as conn:
             current_rows: list[Any] = []
             for chunk in _chunks(list(by_key), 500):
-                current_rows.extend(
-                    conn.execute(
-                        select(
-                            _d.resource_type,
-                            _d.resource_id,
-                            _d.want_version,
-                            _d.sent_version,
-                            _d.lease_owner,
-                            _d.status,
-                            _d.attempts,
-                            _d.server_id,
-                            _d.server_version,
-                            _d.action,
-                        )
-                        .where(_d.target == target, _keys_in(chunk))
-                        .with_for_update()
-                    ).all()
-                )
+                current_rows += conn.execute(_CURRENT, {"b_target": target, **_key_lists(chunk)})
             for current in current_rows:
                 key = (current.resource_type, current.resource_id)
                 if (
@@ -562,7 +611,7 @@ class Outbox:
             return out
         with self.store.engine.connect() as conn:
             for chunk in _chunks(sorted(wanted), 300):
-                for r in conn.execute(select(delivery).where(_d.target == target, _keys_in(chunk))):
+                for r in conn.execute(_LEDGER, {"b_target": target, **_key_lists(chunk)}):
                     if (r.resource_type, r.resource_id) in wanted:
                         out[(r.resource_type, r.resource_id)] = _row(r)
         return out
@@ -576,12 +625,7 @@ class Outbox:
         with self.store.engine.connect() as conn:
             for chunk in _chunks(sorted(wanted), 300):
                 for t, i, server_id, action in conn.execute(
-                    select(_d.resource_type, _d.resource_id, _d.server_id, _d.action).where(
-                        _d.target == target,
-                        _keys_in(chunk),
-                        _d.server_id.is_not(None),
-                        _d.sent_version.is_not(None),
-                    )
+                    _SERVER_REFS, {"b_target": target, **_key_lists(chunk)}
                 ):
                     if (t, i) in wanted and server_id:
                         # a record delivered as a note lives on the target as that
@@ -698,33 +742,11 @@ class _NotReserved(Exception):
 
 def _due_patient(conn: Connection, target: str, now_us: int, limit: int) -> list[Row[Any]]:
     """The due rows, locked, of the target's patient with the oldest due row (up to `limit`)."""
-    due = or_(
-        and_(
-            _d.status.in_(DUE_STATUSES),
-            _d.next_attempt_at <= now_us,
-            or_(_d.lease_until.is_(None), _d.lease_until < now_us),  # reserved: not due
-        ),
-        and_(_d.status == "in_flight", _d.lease_until < now_us),  # a dead worker's lease
-    )
-    first = conn.execute(
-        select(_d.patient_ref)
-        # OPEN_DELIVERY, implied by `due`, says so in the words of the partial index's WHERE.
-        .where(_d.target == target, text(OPEN_DELIVERY), due)
-        .order_by(_d.next_attempt_at)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    ).first()
+    first = conn.execute(_FIRST_DUE, {"b_target": target, "b_now": now_us}).first()
     if first is None:
         return []
-    return list(
-        conn.execute(
-            select(delivery)
-            .where(_d.target == target, _d.patient_ref == first.patient_ref, due)
-            .order_by(_d.resource_type, _d.resource_id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).all()
-    )
+    params = {"b_target": target, "b_now": now_us, "b_patient": first.patient_ref}
+    return list(conn.execute(_PATIENT_DUE, {**params, "b_limit": limit}).all())
 
 
 def _in_doubt(r: Any) -> bool:
