@@ -647,6 +647,7 @@ class _Item:
     key: str
     rtype: str
     rid: str
+    refs: tuple[str, ...]  # references(due.resource), read once
     order: int = 0
     action: _Action = "wait"
     reason: str = ""
@@ -696,11 +697,9 @@ def plan(
         key = f"{rtype}/{rid}"
         if key in items:
             raise ValueError(f"{key} is due twice")
-        items[key] = _Item(d, key, rtype, rid)
+        items[key] = _Item(d, key, rtype, rid, tuple(references(d.resource)))
     patients = {k for k, i in items.items() if i.rtype == "Patient"}
-    patients |= {
-        r for i in items.values() for r in references(i.due.resource) if r.startswith("Patient/")
-    }
+    patients |= {r for i in items.values() for r in i.refs if r.startswith("Patient/")}
     if len(patients) > 1:
         raise ValueError("a plan covers the resources of one patient")
     patient_key = next(iter(patients), None)
@@ -772,10 +771,7 @@ def _ref_paths(node: Any) -> list[tuple[tuple[str | int, ...], str]]:
 def _order(items: dict[str, _Item]) -> None:
     """Dependency order: referenced resources first; ties by the usual type order, then input."""
     position = {k: n for n, k in enumerate(items)}
-    deps = {
-        k: {r for r in references(i.due.resource) if r in items and r != k}
-        for k, i in items.items()
-    }
+    deps = {k: {r for r in i.refs if r in items and r != k} for k, i in items.items()}
     indegree = {k: len(v) for k, v in deps.items()}
     users: dict[str, list[str]] = {k: [] for k in items}
     for k, ds in deps.items():
@@ -1107,7 +1103,7 @@ def _resolve_unchanged(ctx: _Ctx, item: _Item) -> bool:
     """`_resolve` without the walk of the resource's tree, for the common case where no
     reference changes: each one is known on the target as itself (a resource PUT to our id,
     in this plan or before). False (nothing done) otherwise: the walk decides."""
-    refs = [r for r in references(item.due.resource) if r != item.key]
+    refs = [r for r in item.refs if r != item.key]
     encounter_known = False
     for ref in refs:
         kind, value = _status(ctx, ref)
@@ -1500,7 +1496,7 @@ def _if_match(ctx: _Ctx, item: _Item) -> str | None:
 def _entry(item: _Item, urn: Mapping[str, str]) -> Entry:
     assert item.body is not None and item.mode is not None
     body = item.body
-    if any(ref in urn for ref in references(body)):
+    if urn and any(ref in urn for ref in references(body)):
         body = _copy(body)
         for path, ref in _ref_paths(body):
             if ref in urn:

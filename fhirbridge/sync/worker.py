@@ -28,6 +28,7 @@ import os
 import random
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +66,10 @@ DEPENDENCY_RECHECK = timedelta(seconds=2)
 # the wire, once there are this many (and all of them with the last request of a plan): a few
 # transactions per patient, not one per request, and little left to write after the last answer.
 FLUSH_BATCH = 12
+# The helper is given work only while the target's answers take this long (a running average
+# of its requests): a shorter wait cannot hide the work, which then competes with the worker's
+# own handling of the answer (the interpreter lock) and, on a shared machine, with the target.
+OVERLAP_MIN_WAIT = 0.010  # seconds
 
 
 @dataclass
@@ -154,6 +159,7 @@ class Worker:
         self._overlap = not isinstance(store.engine.pool, StaticPool)
         self._helper: ThreadPoolExecutor | None = None
         self._jobs: list[Future[_Unwritten | None]] = []
+        self._waits: dict[str, float] = {}  # target name → how long its requests take (average)
         atexit.register(_give_back_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------ loop
@@ -281,8 +287,6 @@ class Worker:
         """While a request is out: give the helper thread the results buffered so far (once
         there are FLUSH_BATCH, or all of them with the last request of a plan) and, with the
         first request of a pass, the reservation of the target's next patient (`watch`)."""
-        if not self._overlap:
-            return
         if self._results and (flush_all or len(self._results) >= FLUSH_BATCH):
             self._submit(self._write_ahead, rt.target.name, self._audits, self._results)
             self._audits, self._results = [], []  # handed over (kept if the submit failed)
@@ -601,7 +605,9 @@ class Worker:
         self.outbox.mark_posting(
             rt.target.name, [(t, i) for t, i in posting], owner=self.owner, now=self.clock()
         )
-        armed = hand_over is not None and _makes_request(step) and self._arm(rt, hand_over)
+        request = _makes_request(step)
+        armed = request and hand_over is not None and self._arm(rt, hand_over)
+        started = time.perf_counter()
         try:
             yield from self._run_step(rt, step, attempts)
         except EhrError as err:
@@ -610,11 +616,22 @@ class Worker:
         finally:
             if armed:
                 rt.client.on_sent(None)
+            if request:
+                took, before = time.perf_counter() - started, self._waits.get(rt.target.name)
+                self._waits[rt.target.name] = (
+                    took if before is None else before + (took - before) / 4
+                )
 
     def _arm(self, rt: TargetRuntime, hand_over: _HandOver) -> bool:
         """Hand over to the helper thread once the step's request is on the wire: started
         before, the helper's Python would compete with the sending of it for the interpreter.
-        (A client without `on_sent`: now.) True when armed."""
+        (A client without `on_sent`: now.) Only while the target's requests take at least
+        OVERLAP_MIN_WAIT (not known yet: yes). True when armed."""
+        if (
+            not self._overlap
+            or self._waits.get(rt.target.name, OVERLAP_MIN_WAIT) < OVERLAP_MIN_WAIT
+        ):
+            return False
 
         def go() -> None:
             self._hand_over(rt, flush_all=hand_over.flush_all, watch=hand_over.watch)

@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from fhirbridge.ehr.client import EhrResponse
 from fhirbridge.store.resources import ResourceStore
 from fhirbridge.store.schema import delivery, resources
+from fhirbridge.sync import worker as worker_module
 from fhirbridge.sync.capabilities import load_profile
 from fhirbridge.sync.outbox import Outbox, Route
 from fhirbridge.sync.targets import Target
@@ -105,6 +106,12 @@ def _wait_for(check: Callable[[], bool], what: str) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def _overlap_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fake answers at once: overlap whatever the wait (one test sets it back)
+    monkeypatch.setattr(worker_module, "OVERLAP_MIN_WAIT", 0.0)
 
 
 @pytest.fixture
@@ -259,4 +266,26 @@ def test_a_reservation_older_than_half_the_lease_is_given_back_and_claimed_afres
         worker.close()
     assert Counter(status for status, _ in _rows(store).values()) == {
         "sent": 2 * PER_SUBMISSION + SHARED
+    }
+
+
+def test_no_overlap_while_the_target_answers_faster_than_the_work_it_would_hide(
+    file_store: ResourceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = file_store
+    queue(store, Outbox(store, [Route("ehr")]), mapped(3))
+    monkeypatch.setattr(worker_module, "OVERLAP_MIN_WAIT", 0.010)
+    worker = _worker(store, FakeEhr())  # answers in microseconds
+    try:
+        # the first request: its wait unknown yet, the next patient is reserved meanwhile
+        assert worker.run_once() == PER_SUBMISSION + SHARED
+        assert sum(owner == "w" for _, owner in _rows(store).values()) == PER_SUBMISSION
+        assert worker.run_once() == PER_SUBMISSION
+        # from then on the worker knows the answers come fast: nothing reserved ahead
+        assert not any(owner for _, owner in _rows(store).values())
+        assert worker.run_once() == PER_SUBMISSION
+    finally:
+        worker.close()
+    assert Counter(status for status, _ in _rows(store).values()) == {
+        "sent": 3 * PER_SUBMISSION + SHARED
     }
