@@ -11,8 +11,10 @@ request in flight, whatever the worker does between requests adds to the target'
 what does not need the answer of the request on the wire is handed to the worker's helper
 thread as soon as the request is sent (`EhrClient.on_sent`): writing the AuditEvents and
 ledger results of earlier steps, and reserving, reading and planning the target's next patient
-(the next `run_once` starts with that patient's request). Requests stay on the calling thread,
-one at a time. What is recorded when does not change: every result is written before
+(the next `run_once` starts with that patient's request). Only while the target's answers take
+long enough to hide that work (OVERLAP_MIN_WAIT); faster ones get it inline, as a shorter wait
+would leave the helper competing with the handling of the answer. Requests stay on the calling
+thread, one at a time. What is recorded when does not change: every result is written before
 `run_once` returns, an AuditEvent before the ledger write that records its step (the helper's
 writes run in order, the last one after them), a row is claimed (in flight, leased) before it
 is sent and marked `posting` before an unverifiable POST of it; a reserved patient is not in
