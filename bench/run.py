@@ -17,10 +17,11 @@ shown too) and, where the issue sets one, a ratio against a ceiling measured in 
 3. sync: delivering ~5,000 resources to a fresh local sekmet-fhir server, transaction and
    one-request-per-resource modes; ceiling: a bare `requests` loop posting the same
    pre-built Bundles / resources to another fresh server.
-4. cold start: from launching `fhirbridge serve` to the first 200 from /readyz.
-5. scaling: time per resource for one submission of 10 and of 1,000 records; peak RSS of
-   `fhirbridge map` over an NDJSON of 100,000 submissions and of `fhirbridge worker` draining
-   a queue of 100,000 resources.
+4. cold start: from launching `fhirbridge serve`, and the image's gunicorn CMD, to the first
+   200 from /readyz, with compiled bytecode as an installed wheel has it.
+5. scaling: time per resource for one submission of 10 and of 1,000 records; peak RSS
+   (VmHWM, read while the process runs) of `fhirbridge map` over an NDJSON of 100,000
+   submissions and of `fhirbridge worker` draining a queue of 100,000 resources.
 
 Results go to bench/results/latest.json (and a timestamped copy). Not a test: figures depend
 on the machine; tests/test_bench.py runs `--quick --smoke` to keep this command working.
