@@ -18,7 +18,7 @@ import logging
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -225,6 +225,29 @@ def _prepare(resource: Mapping[str, Any]) -> _Prepared:
         raise ValueError("every resource needs a string resourceType and id")
     rows = tuple(row.columns(rtype, rid) for row in extract_index(resource))
     return _Prepared(rtype, rid, dict(resource), _content_hash(resource), rows)
+
+
+def keys_in(type_column: Any, id_column: Any) -> ColumnElement[bool]:
+    """`type IN (…) AND id IN (…)`, with the expanding parameters `b_types` and `b_ids` that
+    `key_lists` makes: an index lookup per pair on SQLite and PostgreSQL, where a row-value IN of
+    the pairs, `(type, id) IN (VALUES …)`, is none on SQLite, which reads every row for it.
+    It matches a superset of the pairs (the type of one with the id of another): keep only the
+    rows whose key was asked for. Built into statements once; `key_lists` per execution."""
+    return and_(
+        type_column.in_(bindparam("b_types", expanding=True)),
+        id_column.in_(bindparam("b_ids", expanding=True)),
+    )
+
+
+def key_lists(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """The parameters of `keys_in` for these (type, id) pairs."""
+    pairs = list(keys)
+    return {"b_types": sorted({t for t, _ in pairs}), "b_ids": sorted({i for _, i in pairs})}
+
+
+_STORED_BY_KEYS = select(
+    _r.resource_type, _r.id, _r.version_id, _r.last_updated, _r.deleted, _r.content
+).where(keys_in(_r.resource_type, _r.id))
 
 
 _T = TypeVar("_T")
@@ -632,7 +655,8 @@ class ResourceStore:
         self, conn: Connection, prepared: list[_Prepared]
     ) -> dict[tuple[str, str], _State]:
         """The current version/hash of every resource of the submission: one query (per 500
-        resources), rows locked on PostgreSQL, in (type, id) order."""
+        resources), rows locked on PostgreSQL, in (type, id) order. Exactly those rows, not
+        `keys_in`'s superset: a lock on a row nobody asked for could only make others wait."""
         keys = sorted({(p.resource_type, p.id) for p in prepared})
         out: dict[tuple[str, str], _State] = {}
         for chunk in _chunks(keys):
@@ -766,22 +790,7 @@ class ResourceStore:
             return found
         with self._read() as conn:
             for chunk in _chunks(sorted(wanted)):
-                # type IN … AND id IN …, not a row-value IN of the pairs: that one is no index
-                # lookup on SQLite, which reads the whole table for it. Rows read: a superset.
-                rows = conn.execute(
-                    select(
-                        _r.resource_type,
-                        _r.id,
-                        _r.version_id,
-                        _r.last_updated,
-                        _r.deleted,
-                        _r.content,
-                    ).where(
-                        _r.resource_type.in_(sorted({t for t, _ in chunk})),
-                        _r.id.in_(sorted({i for _, i in chunk})),
-                    )
-                )
-                for row in rows:
+                for row in conn.execute(_STORED_BY_KEYS, key_lists(chunk)):
                     if not row.deleted and (row.resource_type, row.id) in wanted:
                         found[(row.resource_type, row.id)] = _stored(row)
         return found

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 
 from fhirbridge.store.fhirdates import micros, micros_to_datetime
-from fhirbridge.store.resources import ResourceStore, SaveResult
+from fhirbridge.store.resources import ResourceStore, SaveResult, key_lists, keys_in
 from fhirbridge.store.schema import OPEN_DELIVERY, delivery
 
 log = logging.getLogger(__name__)
@@ -205,25 +205,10 @@ _RELEASE = (
 )
 
 
-def _keys_in() -> Any:
-    """`type IN (…) AND id IN (…)` (parameters `b_types`, `b_ids`: see `_key_lists`): an index
-    lookup per pair on SQLite and PostgreSQL, where a row-value IN of the pairs reads every
-    row. It matches a superset of the pairs (a type of one with the id of another): filter the
-    rows read by their key."""
-    return and_(
-        _d.resource_type.in_(bindparam("b_types", expanding=True)),
-        _d.resource_id.in_(bindparam("b_ids", expanding=True)),
-    )
-
-
-def _key_lists(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
-    pairs = list(keys)
-    return {"b_types": sorted({t for t, _ in pairs}), "b_ids": sorted({i for _, i in pairs})}
-
-
 # The statements of the worker's every pass, built once (SQLAlchemy then reuses their
 # compiled form without building and hashing a new expression each time).
 _TARGET = _d.target == bindparam("b_target")
+_KEYS = keys_in(_d.resource_type, _d.resource_id)  # parameters: key_lists(…)
 _NOW: Any = bindparam("b_now", type_=BigInteger)
 _DUE = or_(
     and_(
@@ -272,12 +257,15 @@ _CURRENT = (
         _d.server_version,
         _d.action,
     )
-    .where(_TARGET, _keys_in())
+    .where(_TARGET, _KEYS)
     .with_for_update()
 )
-_LEDGER = select(delivery).where(_TARGET, _keys_in())
+_LEDGER = select(delivery).where(_TARGET, _KEYS)
 _SERVER_REFS = select(_d.resource_type, _d.resource_id, _d.server_id, _d.action).where(
-    _TARGET, _keys_in(), _d.server_id.is_not(None), _d.sent_version.is_not(None)
+    _TARGET,
+    _KEYS,
+    _d.server_id.is_not(None),
+    _d.sent_version.is_not(None),
 )
 
 
@@ -363,9 +351,10 @@ class Outbox:
         existing: dict[tuple[str, str, str], str] = {}
         for chunk in _chunks(keys, 300):
             stmt = select(_d.target, _d.resource_type, _d.resource_id, _d.status).where(
-                _d.target.in_(sorted({t for t, _, _ in chunk})), _keys_in()
+                _d.target.in_(sorted({t for t, _, _ in chunk})),
+                _KEYS,
             )
-            for r in conn.execute(stmt, _key_lists((rt, ri) for _, rt, ri in chunk)):
+            for r in conn.execute(stmt, key_lists((rt, ri) for _, rt, ri in chunk)):
                 key = (r.target, r.resource_type, r.resource_id)
                 if key in wanted_keys:
                     existing[key] = r.status
@@ -572,7 +561,7 @@ class Outbox:
         with self.store.write() as conn:
             current_rows: list[Any] = []
             for chunk in _chunks(list(by_key), 500):
-                current_rows += conn.execute(_CURRENT, {"b_target": target, **_key_lists(chunk)})
+                current_rows += conn.execute(_CURRENT, {"b_target": target, **key_lists(chunk)})
             for current in current_rows:
                 key = (current.resource_type, current.resource_id)
                 if (
@@ -611,7 +600,7 @@ class Outbox:
             return out
         with self.store.engine.connect() as conn:
             for chunk in _chunks(sorted(wanted), 300):
-                for r in conn.execute(_LEDGER, {"b_target": target, **_key_lists(chunk)}):
+                for r in conn.execute(_LEDGER, {"b_target": target, **key_lists(chunk)}):
                     if (r.resource_type, r.resource_id) in wanted:
                         out[(r.resource_type, r.resource_id)] = _row(r)
         return out
@@ -625,7 +614,7 @@ class Outbox:
         with self.store.engine.connect() as conn:
             for chunk in _chunks(sorted(wanted), 300):
                 for t, i, server_id, action in conn.execute(
-                    _SERVER_REFS, {"b_target": target, **_key_lists(chunk)}
+                    _SERVER_REFS, {"b_target": target, **key_lists(chunk)}
                 ):
                     if (t, i) in wanted and server_id:
                         # a record delivered as a note lives on the target as that
