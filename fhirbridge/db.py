@@ -24,6 +24,7 @@ ScriptDirectory decides whenever a file is anything but a plain revision or merg
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,7 +53,9 @@ __all__ = [
     "ensure_current",
     "head",
     "new_revision",
+    "normal_predicate",
     "schema_differences",
+    "schema_shape",
     "state",
     "upgrade",
 ]
@@ -276,12 +279,21 @@ def ensure_current(store: ResourceStore, *, auto_upgrade: bool) -> SchemaState:
 Shape = dict[str, dict[str, Any]]
 
 
+def normal_predicate(sql: str) -> str:
+    """A partial index's WHERE in one form whoever wrote it: as schema.py declares it, as SQLite
+    keeps it, and as PostgreSQL reflects it, which adds parentheses and casts and writes
+    `status IN ('a', 'b')` as `(status)::text = ANY (ARRAY['a'::character varying, …]::text[])`.
+    Parentheses, case and spacing do not count."""
+    out = re.sub(r"::(character varying|[a-z]+)(\[\])?", "", sql)
+    out = " ".join(out.replace("(", " ").replace(")", " ").lower().split())
+    return out.replace("= any array[", "in ").replace("]", "")
+
+
 def _predicate(index: ReflectedIndex) -> str:
-    """A partial index's WHERE as both backends reflect it, parentheses, case and spacing aside
-    (PostgreSQL wraps it in parentheses); "" for a whole-table index."""
+    """A reflected index's WHERE (`normal_predicate`); "" for a whole-table index."""
     for key, value in (index.get("dialect_options") or {}).items():
         if key.endswith("_where") and value is not None:
-            return " ".join(str(value).replace("(", " ").replace(")", " ").lower().split())
+            return normal_predicate(str(value))
     return ""
 
 
